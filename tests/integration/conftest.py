@@ -1,0 +1,126 @@
+"""One real Ray Serve app per test session: real HTTP, real (tiny) models, a real key store."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE_DIR = Path(
+    os.environ.get("VOLTAGE_TEST_CACHE", Path(tempfile.gettempdir()) / "voltage_test_cache")
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def small_deployment(**extra: Any) -> dict[str, Any]:
+    opts: dict[str, Any] = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}
+    opts.update(extra)
+    return opts
+
+
+def test_args(tmp: Path) -> dict[str, Any]:
+    """The app under test: a tiny chat model plus the real default embeddings/images models."""
+    return {
+        "database": str(tmp / "voltage.db"),
+        "plans": str(tmp / "plans.yaml"),
+        "cache_dir": str(CACHE_DIR),
+        "models": [
+            {
+                "id": "tiny-chat",
+                "kind": "chat",
+                "aliases": ["gpt-4"],
+                "source": {"builtin": "tiny-llama"},
+                "chat": {"default_max_tokens": 16},
+                "deployment": small_deployment(max_ongoing_requests=16),
+            },
+        ],
+        "ingress": {"deployment": small_deployment(max_ongoing_requests=256)},
+    }
+
+
+PLANS = """\
+plans:
+  free: {requests_per_minute: 20, tokens_per_month: 100000, images_per_month: 25}
+  test: {requests_per_minute: null, tokens_per_month: null, images_per_month: null}
+"""
+
+
+@dataclass
+class ServedApp:
+    base_url: str
+    key: str
+    db: Path
+    plans: Path
+    tmp: Path
+    args: dict[str, Any]
+
+    def client(self, **kw: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=60, **kw)
+
+    def headers(self, key: str | None = None) -> dict[str, str]:
+        return {"X-VoltageGPU-Key": key or self.key}
+
+    def new_key(self, plan: str = "test", name: str = "") -> str:
+        from voltage_ray.limits.keys import KeyStore
+
+        store = KeyStore(self.db)
+        try:
+            return store.create(plan, name)[1]
+        finally:
+            store.close()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    import ray
+
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=True)
+    yield
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def served(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> ServedApp:
+    from ray import serve
+
+    from voltage_ray.app import build_app
+    from voltage_ray.limits.keys import KeyStore
+
+    tmp = tmp_path_factory.mktemp("served")
+    (tmp / "plans.yaml").write_text(PLANS)
+    args = test_args(tmp)
+    store = KeyStore(tmp / "voltage.db")
+    key = store.create("test", "tests")[1]
+    store.close()
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(args), name="voltage", route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    else:
+        raise RuntimeError("the app did not become healthy")
+    return ServedApp(base, key, tmp / "voltage.db", tmp / "plans.yaml", tmp, args)

@@ -1,0 +1,3 @@
+"""voltage_ray: the VoltageGPU API, an OpenAI-compatible inference service on Ray Serve."""
+
+__version__ = "0.1.0"

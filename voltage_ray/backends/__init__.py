@@ -1,0 +1,1 @@
+"""Model code behind small interfaces. Backends know nothing of Ray or HTTP."""

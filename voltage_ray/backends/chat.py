@@ -1,0 +1,300 @@
+"""Chat generation with transformers: chat template, sampling, OpenAI penalties, stop strings.
+
+One ``generate`` call serves all ``n`` choices (``num_return_sequences``). Each step's tokens go
+to a :class:`RowDecoder` per choice, which turns tokens into text deltas, holds back text that may
+still become a stop string, and decides when its choice is finished; a stopping criterion reads
+those decisions, so text and termination never disagree.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+from transformers.generation.streamers import BaseStreamer
+
+from voltage_ray.config import ChatSettings
+from voltage_ray.errors import BadRequest
+
+logger = logging.getLogger(__name__)
+
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass
+class Prepared:
+    """A validated chat request, tokenized, with its token budget resolved."""
+
+    input_ids: list[int]
+    max_tokens: int
+    n: int
+    temperature: float
+    top_p: float
+    presence_penalty: float
+    frequency_penalty: float
+    stop: list[str]
+    seed: int | None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class StepEvent:
+    """What one choice produced in one step: new text and, at its end, why it finished."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+    tokens: int = 0  # tokens this choice has used so far
+
+
+def _held_suffix(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
+
+
+@dataclass
+class RowDecoder:
+    """Incremental detokenization and termination for one choice."""
+
+    decode: Callable[[list[int]], str]
+    stop: list[str]
+    max_tokens: int
+    eos_ids: frozenset[int]
+    tokens: list[int] = field(default_factory=list)
+    emitted: int = 0
+    finish_reason: str | None = None
+
+    def push(self, token: int) -> str:
+        """Consume one token; return the text that is now safe to show."""
+        if self.finish_reason is not None:
+            return ""
+        self.tokens.append(token)
+        if token in self.eos_ids:
+            self.finish_reason = "stop"
+            return self._flush(self.decode(self.tokens[:-1]))
+        text = self.decode(self.tokens)
+        for stop in self.stop:
+            pos = text.find(stop, max(0, self.emitted - len(stop) + 1))
+            if pos != -1:
+                self.finish_reason = "stop"
+                return self._flush(text[:pos])
+        if len(self.tokens) >= self.max_tokens:
+            self.finish_reason = "length"
+            return self._flush(text)
+        safe = len(text) - _held_suffix(text, self.stop)
+        while safe > self.emitted and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 char
+            safe -= 1
+        return self._flush(text[:safe])
+
+    def _flush(self, text: str) -> str:
+        # A stop string found inside already-emitted text cannot be unsent; clamp instead.
+        delta = text[self.emitted :]
+        self.emitted = max(self.emitted, len(text))
+        return delta
+
+
+class OpenAIPenalties(LogitsProcessor):
+    """OpenAI's presence and frequency penalties over the tokens generated so far."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float) -> None:
+        self.prompt_len = prompt_len
+        self.presence = presence
+        self.frequency = frequency
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_len :]
+        if generated.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores)
+        counts.scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+class _RowStreamer(BaseStreamer):
+    """Feeds each step's tokens to the row decoders and reports the deltas."""
+
+    def __init__(self, rows: list[RowDecoder], emit: Callable[[list[StepEvent]], None]) -> None:
+        self.rows = rows
+        self.emit = emit
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate() first hands over the prompt itself
+            self._prompt_seen = True
+            return
+        events = []
+        for i, token in enumerate(value.reshape(-1).tolist()):
+            row = self.rows[i]
+            if row.finish_reason is not None:
+                continue
+            text = row.push(int(token))
+            if text or row.finish_reason is not None:
+                events.append(StepEvent(i, text, row.finish_reason, len(row.tokens)))
+        if events:
+            self.emit(events)
+
+    def end(self) -> None:
+        events = []
+        for i, row in enumerate(self.rows):
+            if row.finish_reason is None:  # generate() stopped on its own max_new_tokens
+                row.finish_reason = "length"
+                text = row._flush(row.decode(row.tokens))
+                events.append(StepEvent(i, text, "length", len(row.tokens)))
+        if events:
+            self.emit(events)
+
+
+class _RowsDone(StoppingCriteria):
+    def __init__(self, rows: list[RowDecoder], cancel: threading.Event) -> None:
+        self.rows = rows
+        self.cancel = cancel
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        if self.cancel.is_set():
+            return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        done = [row.finish_reason is not None for row in self.rows]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class ChatEngine:
+    """A causal LM and its tokenizer, loaded from a directory or hub id."""
+
+    def __init__(self, location: str, settings: ChatSettings, device: str | None = None) -> None:
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = settings.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
+        self.tokenizer = AutoTokenizer.from_pretrained(location)
+        self.model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, dtype))
+        self.model.to(self.device).eval()
+        if not self.tokenizer.chat_template:
+            self.tokenizer.chat_template = FALLBACK_TEMPLATE
+        config_ctx = getattr(self.model.config, "max_position_embeddings", None) or 2048
+        self.context_length = settings.max_context or int(config_ctx)
+        self.default_max_tokens = settings.default_max_tokens
+        eos = self.model.generation_config.eos_token_id
+        eos_list = eos if isinstance(eos, list) else [eos]
+        if self.tokenizer.eos_token_id is not None:
+            eos_list.append(self.tokenizer.eos_token_id)
+        self.eos_ids = frozenset(int(e) for e in eos_list if e is not None)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else min(self.eos_ids)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def prepare(self, request: Any) -> Prepared:
+        """Apply the chat template and resolve max_tokens; raise BadRequest past the context."""
+        messages = []
+        for m in request.messages:
+            entry = {"role": m.role, "content": m.text}
+            if m.name:
+                entry["name"] = m.name
+            messages.append(entry)
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True
+        )
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        input_ids = [int(t) for t in ids]
+        prompt = len(input_ids)
+        requested = request.requested_max_tokens
+        room = self.context_length - prompt
+        if requested is None:
+            max_tokens = min(self.default_max_tokens, room)
+            if max_tokens < 1:
+                raise BadRequest(
+                    f"This model's maximum context length is {self.context_length} tokens; "
+                    f"the messages use {prompt} tokens, leaving no room for a completion."
+                )
+        else:
+            if prompt + requested > self.context_length:
+                raise BadRequest(
+                    f"This model's maximum context length is {self.context_length} tokens. "
+                    f"However, you requested {prompt + requested} tokens ({prompt} in the "
+                    f"messages, {requested} in the completion). Please reduce the length of "
+                    "the messages or max_tokens."
+                )
+            max_tokens = requested
+        return Prepared(
+            input_ids=input_ids,
+            max_tokens=max_tokens,
+            n=request.n,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            stop=request.stop_list,
+            seed=request.seed,
+        )
+
+    def _decode(self, tokens: list[int]) -> str:
+        return str(self.tokenizer.decode(tokens, skip_special_tokens=True))
+
+    def generate(
+        self,
+        p: Prepared,
+        emit: Callable[[list[StepEvent]], None],
+        cancel: threading.Event,
+    ) -> list[int]:
+        """Run one batched generate for all choices; return the tokens each choice used.
+
+        Blocking: call it from a worker thread. ``emit`` receives each step's events.
+        """
+        rows = [RowDecoder(self._decode, p.stop, p.max_tokens, self.eos_ids) for _ in range(p.n)]
+        greedy = p.temperature == 0
+        gen_config = GenerationConfig(
+            max_new_tokens=p.max_tokens,
+            do_sample=not greedy,
+            temperature=None if greedy else p.temperature,
+            top_p=None if greedy else p.top_p,
+            top_k=None if greedy else 0,
+            num_return_sequences=p.n,
+            pad_token_id=self.pad_id,
+            eos_token_id=sorted(self.eos_ids),
+        )
+        processors = LogitsProcessorList()
+        if p.presence_penalty or p.frequency_penalty:
+            processors.append(
+                OpenAIPenalties(len(p.input_ids), p.presence_penalty, p.frequency_penalty)
+            )
+        input_ids = torch.tensor([p.input_ids], device=self.device)
+        if p.seed is not None:
+            torch.manual_seed(p.seed)
+        with torch.inference_mode():
+            self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                generation_config=gen_config,
+                logits_processor=processors,
+                stopping_criteria=StoppingCriteriaList([_RowsDone(rows, cancel)]),
+                streamer=_RowStreamer(rows, emit),
+            )
+        return [len(row.tokens) for row in rows]

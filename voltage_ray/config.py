@@ -1,0 +1,272 @@
+"""Validated configuration: what `serve_config.yaml` args (or Python callers) may say.
+
+Every model names a kind, a source and its Serve deployment options. Unknown keys are rejected
+(``extra="forbid"``) so a typo in a config file fails at build time with a clear message instead
+of being silently ignored. Environment variables are explicit overrides applied by
+:func:`resolve_paths`, never read at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ModelKind = Literal["chat", "embeddings", "images"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+# --- model sources -------------------------------------------------------------------------
+
+
+class HubSource(_Strict):
+    """A model hub id, loaded from the local hub cache (set HF_HUB_OFFLINE=1 to forbid fetching)."""
+
+    hub: str = Field(description="Hub repository id, e.g. 'HuggingFaceTB/SmolLM2-135M-Instruct'.")
+    revision: str | None = Field(default=None, description="Branch, tag or commit.")
+
+
+class LocalSource(_Strict):
+    """A model directory on disk (or inside an installed package: 'pkg://package/subdir')."""
+
+    path: str = Field(description="Directory with the model's config and weights.")
+
+
+class GGUFSource(_Strict):
+    """A GGUF file, converted once to safetensors in the cache directory."""
+
+    gguf: str = Field(description="Path of the .gguf file, or 'pkg://package/file.gguf'.")
+
+
+class BuiltinSource(_Strict):
+    """A tiny random-weight model that voltage_ray builds offline and deterministically."""
+
+    builtin: Literal["tiny-llama", "tiny-sd"] = Field(description="Which built-in model.")
+
+
+ModelSource = HubSource | LocalSource | GGUFSource | BuiltinSource
+
+
+# --- Serve deployment options -----------------------------------------------------------------
+
+
+class AutoscalingConfig(_Strict):
+    """The subset of Serve's autoscaling_config that voltage_ray exposes."""
+
+    min_replicas: int = Field(default=1, ge=0, description="Fewest replicas kept running.")
+    initial_replicas: int | None = Field(default=None, ge=0, description="Replicas at deploy.")
+    max_replicas: int = Field(default=1, ge=1, description="Most replicas autoscaling may start.")
+    target_ongoing_requests: float = Field(
+        default=2.0, gt=0, description="Ongoing requests per replica that autoscaling aims for."
+    )
+    upscale_delay_s: float = Field(default=10.0, ge=0, description="Wait before scaling up.")
+    downscale_delay_s: float = Field(default=300.0, ge=0, description="Wait before scaling down.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class RayActorOptions(_Strict):
+    """Resources asked per replica. GPU asks only come from a config profile."""
+
+    num_cpus: float = Field(default=1.0, ge=0, description="CPUs reserved per replica.")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per replica; fractions share.")
+    memory: int | None = Field(default=None, ge=0, description="Bytes of memory reserved.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom resources.")
+    runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime_env.")
+
+    def to_ray(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.memory is not None:
+            opts["memory"] = self.memory
+        if self.resources:
+            opts["resources"] = dict(self.resources)
+        if self.runtime_env:
+            opts["runtime_env"] = dict(self.runtime_env)
+        return opts
+
+
+class DeploymentOptions(_Strict):
+    """Options handed to `serve.deployment(...).options(...)` for one deployment."""
+
+    autoscaling_config: AutoscalingConfig | None = Field(
+        default=None, description="Autoscaling bounds; when absent, num_replicas is used."
+    )
+    num_replicas: int = Field(default=1, ge=1, description="Fixed replica count (no autoscaling).")
+    max_ongoing_requests: int = Field(default=8, ge=1, description="Concurrency per replica.")
+    ray_actor_options: RayActorOptions = Field(default_factory=RayActorOptions)
+    health_check_period_s: float = Field(default=10.0, gt=0, description="Health check period.")
+    graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0, description="Drain time.")
+
+    def to_serve(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": self.ray_actor_options.to_ray(),
+            "health_check_period_s": self.health_check_period_s,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+        }
+        if self.autoscaling_config is not None:
+            opts["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True)
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+
+# --- per-kind runtime settings ---------------------------------------------------------------
+
+
+class ChatSettings(_Strict):
+    """Generation settings for a chat model."""
+
+    default_max_tokens: int = Field(
+        default=512, ge=1, description="max_tokens when a request names none (capped by context)."
+    )
+    max_context: int | None = Field(
+        default=None, ge=8, description="Override of the model's context length in tokens."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Weights dtype; auto is float32 on CPU, bfloat16 on GPU."
+    )
+    torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads.")
+
+
+class EmbeddingSettings(_Strict):
+    """Batching and input settings for an embeddings model."""
+
+    max_batch_size: int = Field(default=32, ge=1, description="Inputs per encode call.")
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0, description="Wait to fill a batch.")
+    truncate: bool = Field(
+        default=False, description="Truncate over-long inputs instead of answering 400."
+    )
+    torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads.")
+
+
+class ImageSettings(_Strict):
+    """Batching settings for an images model."""
+
+    max_batch_size: int = Field(default=8, ge=1, description="Requests per batch window.")
+    batch_wait_timeout_s: float = Field(default=0.05, ge=0, description="Wait to fill a batch.")
+    torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads.")
+
+
+class ModelConfig(_Strict):
+    """One served model: its public id, aliases, kind, source and deployment options."""
+
+    id: str = Field(min_length=1, description="Public model id, as `GET /v1/models` lists it.")
+    aliases: list[str] = Field(default_factory=list, description="Other names that reach it.")
+    kind: ModelKind = Field(description="chat, embeddings or images.")
+    source: ModelSource = Field(description="Where the weights come from.")
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    chat: ChatSettings | None = Field(default=None, description="Settings for kind=chat.")
+    embeddings: EmbeddingSettings | None = Field(default=None, description="kind=embeddings.")
+    images: ImageSettings | None = Field(default=None, description="Settings for kind=images.")
+
+    @model_validator(mode="after")
+    def _settings_match_kind(self) -> ModelConfig:
+        for kind in ("chat", "embeddings", "images"):
+            if getattr(self, kind) is not None and kind != self.kind:
+                raise ValueError(
+                    f"model {self.id!r} is kind {self.kind!r} but has {kind!r} settings"
+                )
+        if self.kind == "chat" and self.chat is None:
+            self.chat = ChatSettings()
+        if self.kind == "embeddings" and self.embeddings is None:
+            self.embeddings = EmbeddingSettings()
+        if self.kind == "images" and self.images is None:
+            self.images = ImageSettings()
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        return [self.id, *self.aliases]
+
+
+class IngressConfig(_Strict):
+    """The HTTP ingress deployment."""
+
+    deployment: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(
+            max_ongoing_requests=256, ray_actor_options=RayActorOptions(num_cpus=0.25)
+        )
+    )
+    health_timeout_s: float = Field(default=2.0, gt=0, description="Per-model health ping budget.")
+
+
+class AppConfig(_Strict):
+    """Everything `build_app(args)` accepts."""
+
+    models: list[ModelConfig] = Field(min_length=1, description="Models to serve.")
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    database: str | None = Field(
+        default=None, description="SQLite path for keys and usage (VOLTAGE_DB overrides)."
+    )
+    plans: str | None = Field(
+        default=None, description="Path of plans.yaml (VOLTAGE_PLANS overrides)."
+    )
+    cache_dir: str | None = Field(
+        default=None, description="Converted and built models (VOLTAGE_CACHE overrides)."
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AppConfig:
+        seen: dict[str, str] = {}
+        for m in self.models:
+            for name in m.names:
+                if name in seen:
+                    raise ValueError(
+                        f"model name {name!r} is used by both {seen[name]!r} and {m.id!r}"
+                    )
+                seen[name] = m.id
+        return self
+
+    def resolve_paths(self) -> AppConfig:
+        """Fill database, plans and cache_dir: environment override, then config, then default."""
+        return self.model_copy(
+            update={
+                "database": str(default_db_path(self.database)),
+                "plans": str(default_plans_path(self.plans)),
+                "cache_dir": str(default_cache_dir(self.cache_dir)),
+            }
+        )
+
+
+# --- paths --------------------------------------------------------------------------------------
+
+
+def _data_home() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+
+
+def default_db_path(configured: str | None = None) -> Path:
+    """VOLTAGE_DB, else the configured path, else ~/.local/share/voltage_ray/voltage.db."""
+    value = os.environ.get("VOLTAGE_DB") or configured
+    return (
+        Path(value).expanduser().resolve() if value else _data_home() / "voltage_ray" / "voltage.db"
+    )
+
+
+def default_cache_dir(configured: str | None = None) -> Path:
+    """VOLTAGE_CACHE, else the configured path, else ~/.cache/voltage_ray."""
+    value = os.environ.get("VOLTAGE_CACHE") or configured
+    if value:
+        return Path(value).expanduser().resolve()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "voltage_ray"
+
+
+def default_plans_path(configured: str | None = None) -> Path:
+    """VOLTAGE_PLANS, else the configured path, else configs/plans.yaml (cwd, then the checkout)."""
+    value = os.environ.get("VOLTAGE_PLANS") or configured
+    if value:
+        return Path(value).expanduser().resolve()
+    here = Path.cwd() / "configs" / "plans.yaml"
+    if here.exists():
+        return here.resolve()
+    return Path(__file__).resolve().parent.parent / "configs" / "plans.yaml"

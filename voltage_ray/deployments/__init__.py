@@ -1,0 +1,1 @@
+"""Model server deployments (ChatServer, EmbeddingServer, ImageServer) and their builder."""

@@ -1,0 +1,32 @@
+"""The FastAPI app: error handlers, request ids, and every router under both prefixes."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI
+
+from voltage_ray import __version__
+from voltage_ray.ingress import chat, errors, models
+
+if TYPE_CHECKING:
+    from voltage_ray.ingress.deployment import Ingress
+
+PREFIXES = ("/v1", "/api/voltage/v1")
+DESCRIPTION = (
+    "OpenAI-compatible endpoints served by Ray Serve. Authenticate with `X-VoltageGPU-Key` "
+    "or `Authorization: Bearer`."
+)
+
+
+def create_api(ingress: Ingress) -> FastAPI:
+    """Build the ASGI app for one Ingress replica."""
+    app = FastAPI(title="VoltageGPU API", version=__version__, description=DESCRIPTION)
+    app.state.ingress = ingress
+    errors.install(app)
+    app.include_router(models.health_router)
+    for prefix in PREFIXES:
+        app.include_router(chat.router, prefix=prefix)
+        app.include_router(models.router, prefix=prefix)
+        app.include_router(models.health_router, prefix=prefix)
+    return app

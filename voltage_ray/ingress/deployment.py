@@ -1,0 +1,126 @@
+"""The Ingress deployment: owns the FastAPI app and the handles of every model deployment."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from ray import serve
+
+from voltage_ray.config import AppConfig, ModelConfig, ModelKind
+from voltage_ray.errors import NotFound
+from voltage_ray.ingress.api import create_api
+from voltage_ray.ingress.auth import presented_key
+from voltage_ray.limits import limiter as limiter_mod
+from voltage_ray.limits.limiter import Principal
+
+logger = logging.getLogger(__name__)
+
+READY_STATES = frozenset({"HEALTHY", "UPSCALING", "DOWNSCALING"})
+STATUS_CACHE_S = 1.0
+
+
+@dataclass
+class Ticket:
+    """One admitted request: what it reserved, and the headers its response carries."""
+
+    principal: Principal
+    endpoint: str
+    model: str
+    reserved_tokens: int = 0
+    reserved_images: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+    settled: bool = False
+
+
+class Ingress:
+    """Routes requests to model deployments. Undecorated; the builder wraps it for Serve."""
+
+    async def __init__(
+        self,
+        config: dict[str, Any],
+        handles: dict[str, Any],
+        deployment_names: dict[str, str],
+    ) -> None:
+        self.config = AppConfig.model_validate(config)
+        self.handles = handles  # model id -> DeploymentHandle
+        self.deployment_names = deployment_names  # model id -> Serve deployment name
+        self.by_name: dict[str, ModelConfig] = {
+            name: m for m in self.config.models for name in m.names
+        }
+        assert self.config.database and self.config.plans
+        self.limiter = limiter_mod.get_or_create_limiter(self.config.database, self.config.plans)
+        await limiter_mod.call(
+            self.limiter.configure, self.config.database, self.config.plans, timeout_s=60
+        )
+        self._status_cache: tuple[float, dict[str, bool]] | None = None
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_api(self)
+
+    async def authenticate(self, request: Request) -> Principal:
+        key_id, key_hash = presented_key(request)
+        principal: Principal = await limiter_mod.call(self.limiter.authenticate, key_id, key_hash)
+        request.state.principal = principal
+        return principal
+
+    async def admit(
+        self, principal: Principal, *, endpoint: str, model: str, tokens: int = 0, images: int = 0
+    ) -> Ticket:
+        """Phase one: reserve what the request can at most use, before the model call."""
+        return Ticket(principal, endpoint, model, tokens, images)
+
+    async def settle(self, ticket: Ticket, *, tokens: int = 0, images: int = 0) -> None:
+        """Phase two: account what was used and release the rest. Idempotent."""
+        ticket.settled = True
+
+    @asynccontextmanager
+    async def metered(
+        self, principal: Principal, *, endpoint: str, model: str, tokens: int = 0, images: int = 0
+    ) -> AsyncIterator[Ticket]:
+        """admit ... settle; the block settles actual usage, an exit without it settles zero."""
+        ticket = await self.admit(
+            principal, endpoint=endpoint, model=model, tokens=tokens, images=images
+        )
+        try:
+            yield ticket
+        finally:
+            if not ticket.settled:
+                await asyncio.shield(self.settle(ticket))
+
+    def resolve(self, name: str, kind: ModelKind) -> Any:
+        """The handle of the ``kind`` model called ``name`` (id or alias), else 404."""
+        model = self.by_name.get(name)
+        if model is None or model.kind != kind:
+            available = sorted(n for m in self.config.models if m.kind == kind for n in m.names)
+            what = "does not exist" if model is None else f"is not a {kind} model"
+            raise NotFound(
+                f"The model '{name}' {what}. Available {kind} models: {', '.join(available)}",
+                details={"available_models": available},
+            )
+        return self.handles[model.id]
+
+    def default_model(self, kind: ModelKind) -> ModelConfig | None:
+        return next((m for m in self.config.models if m.kind == kind), None)
+
+    async def readiness(self) -> dict[str, bool]:
+        """Per model id: does its deployment have a running replica? (Serve's own view.)"""
+        now = time.monotonic()
+        if self._status_cache and now - self._status_cache[0] < STATUS_CACHE_S:
+            return self._status_cache[1]
+        app_name = serve.get_replica_context().app_name
+        status = await asyncio.to_thread(serve.status)
+        app = status.applications.get(app_name)
+        ready: dict[str, bool] = {}
+        for model in self.config.models:
+            dep = app.deployments.get(self.deployment_names[model.id]) if app else None
+            running = dep.replica_states.get("RUNNING", 0) if dep else 0
+            ready[model.id] = bool(dep and dep.status in READY_STATES and running > 0)
+        self._status_cache = (now, ready)
+        return ready

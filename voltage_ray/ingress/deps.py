@@ -1,0 +1,21 @@
+"""FastAPI dependencies shared by the routers."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import Request
+
+if TYPE_CHECKING:
+    from voltage_ray.ingress.deployment import Ingress
+    from voltage_ray.limits.limiter import Principal
+
+
+def get_ingress(request: Request) -> Ingress:
+    """The Ingress deployment instance serving this app."""
+    return request.app.state.ingress  # type: ignore[no-any-return]
+
+
+async def get_principal(request: Request) -> Principal:
+    """The authenticated caller; Unauthorized (401) otherwise."""
+    return await get_ingress(request).authenticate(request)

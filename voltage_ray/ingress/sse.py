@@ -1,0 +1,72 @@
+"""Server-sent events framing for streamed completions.
+
+A stream is opened only after its first item arrived, so errors the model raises up front (a
+prompt past the context length) are ordinary JSON errors with their own status. An error in the
+middle of a stream becomes one ``data: {"error": ...}`` frame, then the stream closes. A client
+that goes away cancels the model call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from voltage_ray.ingress.errors import to_voltage_error
+
+logger = logging.getLogger(__name__)
+
+DONE = "data: [DONE]\n\n"
+HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def frame(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+async def first_item(gen: Any) -> Any:
+    """The first item of a handle stream; cancel the stream if that fails."""
+    try:
+        return await gen.__anext__()
+    except BaseException:
+        gen.cancel()
+        raise
+
+
+async def relay(
+    first: Any,
+    gen: Any,
+    render: Callable[[Any], str | None],
+    *,
+    endpoint: str,
+    rid: str,
+    on_close: Callable[[BaseException | None], Awaitable[None]] | None = None,
+) -> AsyncIterator[str]:
+    """SSE frames from a handle stream: ``render`` maps an item to a JSON payload or None."""
+    failure: BaseException | None = None
+    finished = False
+    try:
+        payload = render(first)
+        if payload is not None:
+            yield frame(payload)
+        async for item in gen:
+            payload = render(item)
+            if payload is not None:
+                yield frame(payload)
+        finished = True
+        yield DONE
+    except asyncio.CancelledError as exc:  # the client went away
+        failure = exc
+        raise
+    except Exception as exc:
+        failure = exc
+        err = to_voltage_error(exc, endpoint, rid)
+        extra = {"request_id": rid} if err.status >= 500 else {}
+        yield frame(json.dumps(err.body(endpoint, **extra)))
+    finally:
+        if not finished:
+            gen.cancel()
+        if on_close is not None:
+            await asyncio.shield(on_close(failure))
