@@ -55,6 +55,7 @@ class ChatServer:
         self.engine = ChatEngine(location, self.config.chat)
         # One generate at a time per replica: concurrent torch generates only thrash the cores.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self._stats = {"generations": 0, "cancelled": 0, "active": 0}
         logger.info("chat model %s ready (context %d)", self.config.id, self.engine.context_length)
 
     def check_health(self) -> None:
@@ -63,7 +64,12 @@ class ChatServer:
             raise RuntimeError("generation executor is shut down")
 
     async def info(self) -> dict[str, Any]:
-        return {"id": self.config.id, "context_length": self.engine.context_length}
+        """The model's id, context length and generation counters."""
+        return {
+            "id": self.config.id,
+            "context_length": self.engine.context_length,
+            **self._stats,
+        }
 
     async def prepare(self, request: ChatCompletionRequest | dict[str, Any]) -> dict[str, int]:
         """Prompt tokens and resolved max_tokens of a request (for admission), or a BadRequest."""
@@ -87,18 +93,24 @@ class ChatServer:
                 loop.call_soon_threadsafe(queue.put_nowait, (_DONE, exc))
 
         future = loop.run_in_executor(self._executor, run)
+        self._stats["generations"] += 1
+        self._stats["active"] += 1
+        completed = False
         try:
             while True:
                 item = await queue.get()
                 if isinstance(item, tuple) and item[0] is _DONE:
+                    completed = True
                     if isinstance(item[1], BaseException):
                         raise item[1]
                     yield Finished(item[1])
                     return
                 yield item
         finally:
+            self._stats["active"] -= 1
             cancel.set()  # a no-op when finished; stops generation when the caller went away
-            if not future.done():
+            if not completed:
+                self._stats["cancelled"] += 1
                 future.add_done_callback(lambda f: f.exception())
 
     async def chat(self, request: ChatCompletionRequest | dict[str, Any]) -> ChatCompletionResponse:

@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from voltage_ray.app import ConfigError, load_args, parse_config
+from voltage_ray.config import AppConfig, BuiltinSource, GGUFSource, HubSource, LocalSource
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def chat_model(**kw: object) -> dict[str, object]:
+    base: dict[str, object] = {"id": "m", "kind": "chat", "source": {"builtin": "tiny-llama"}}
+    base.update(kw)
+    return base
+
+
+def test_sources_are_told_apart_by_their_field() -> None:
+    cfg = AppConfig.model_validate(
+        {
+            "models": [
+                chat_model(id="a", source={"hub": "org/x"}),
+                chat_model(id="b", source={"path": "/tmp/x"}),
+                chat_model(id="c", source={"gguf": "pkg://p/f.gguf"}),
+                chat_model(id="d", source={"builtin": "tiny-llama"}),
+            ]
+        }
+    )
+    kinds = [type(m.source) for m in cfg.models]
+    assert kinds == [HubSource, LocalSource, GGUFSource, BuiltinSource]
+
+
+def test_unknown_keys_are_rejected_with_their_location() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({"models": [chat_model(colour="red")]})
+    assert "models.0.colour" in str(err.value)
+    with pytest.raises(ConfigError, match="deployment.ray_actor_options.num_gpu"):
+        parse_config({"models": [chat_model(deployment={"ray_actor_options": {"num_gpu": 1}})]})
+
+
+def test_duplicate_names_and_mismatched_settings_are_rejected() -> None:
+    with pytest.raises(ConfigError, match="used by both"):
+        parse_config({"models": [chat_model(id="a", aliases=["x"]), chat_model(id="x")]})
+    with pytest.raises(ConfigError, match="has 'images' settings"):
+        parse_config({"models": [chat_model(images={"max_batch_size": 2})]})
+    with pytest.raises(ConfigError, match="models"):
+        parse_config({"models": []})
+
+
+def test_kind_settings_default_and_deployment_options_translate() -> None:
+    cfg = parse_config(
+        {
+            "models": [
+                chat_model(
+                    deployment={
+                        "autoscaling_config": {"min_replicas": 1, "max_replicas": 3},
+                        "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.25},
+                    }
+                )
+            ]
+        }
+    )
+    model = cfg.models[0]
+    assert model.chat is not None and model.chat.default_max_tokens == 512
+    opts = model.deployment.to_serve()
+    assert opts["autoscaling_config"]["max_replicas"] == 3
+    assert "num_replicas" not in opts
+    assert opts["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.25}
+
+
+def test_environment_overrides_paths(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("VOLTAGE_DB", str(tmp_path / "env.db"))
+    monkeypatch.delenv("VOLTAGE_PLANS", raising=False)
+    cfg = parse_config({"models": [chat_model()], "database": "/elsewhere.db"})
+    assert cfg.database == str(tmp_path / "env.db")
+    assert cfg.plans and cfg.plans.endswith("plans.yaml")
+    assert cfg.cache_dir
+
+
+def test_default_serve_config_is_valid() -> None:
+    args = load_args(REPO / "serve_config.yaml")
+    cfg = parse_config(args)
+    kinds = {m.kind for m in cfg.models}
+    assert kinds == {"chat", "embeddings", "images"}
+    names = {n for m in cfg.models for n in m.names}
+    assert {"gpt-4", "text-embedding-ada-002"} <= names
+    # The CPU default never asks for a GPU.
+    assert all(m.deployment.ray_actor_options.num_gpus == 0 for m in cfg.models)

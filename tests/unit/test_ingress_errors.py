@@ -1,0 +1,103 @@
+"""The error handlers and SSE framing on a bare FastAPI app (pure code: no Ray needed)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+
+from voltage_ray.errors import BadRequest, RateLimited
+from voltage_ray.ingress import errors, sse
+
+
+class FakeStream:
+    """Stands in for a DeploymentResponseGenerator: items, then optionally an exception."""
+
+    def __init__(self, items: list[str], exc: Exception | None = None) -> None:
+        self.items = list(items)
+        self.exc = exc
+        self.cancelled = False
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self
+
+    async def __anext__(self) -> str:
+        if self.items:
+            return self.items.pop(0)
+        if self.exc:
+            raise self.exc
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def make_app(stream: FakeStream) -> FastAPI:
+    app = FastAPI()
+    errors.install(app)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("internal detail /secret/path")
+
+    @app.get("/limited")
+    async def limited() -> None:
+        raise RateLimited(details={"retry_after": 3}, headers={"Retry-After": "3"})
+
+    @app.get("/stream")
+    async def stream_route() -> StreamingResponse:
+        first = await sse.first_item(stream)
+        frames = sse.relay(first, stream, lambda s: json.dumps({"x": s}),
+                           endpoint="/stream", rid="rid-1")
+        return StreamingResponse(frames, media_type="text/event-stream")
+
+    return app
+
+
+async def get(app: FastAPI, path: str) -> httpx.Response:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        return await c.get(path)
+
+
+async def test_unknown_exception_is_500_with_request_id_and_no_internals() -> None:
+    r = await get(make_app(FakeStream([])), "/boom")
+    assert r.status_code == 500
+    body = r.json()
+    assert body["error"] == "Internal server error"
+    assert body["details"]["status"] == 500 and body["details"]["request_id"]
+    assert r.headers["x-request-id"] == body["details"]["request_id"]
+    assert "secret" not in r.text and "RuntimeError" not in r.text
+
+
+async def test_error_headers_are_kept() -> None:
+    r = await get(make_app(FakeStream([])), "/limited")
+    assert r.status_code == 429 and r.headers["retry-after"] == "3"
+    assert r.json()["details"] == {"status": 429, "endpoint": "/limited", "retry_after": 3}
+
+
+async def test_error_mid_stream_is_one_error_frame_then_close() -> None:
+    stream = FakeStream(["a", "b"], BadRequest("went wrong"))
+    r = await get(make_app(stream), "/stream")
+    frames = [line for line in r.text.split("\n\n") if line]
+    assert frames[:2] == ['data: {"x": "a"}', 'data: {"x": "b"}']
+    err = json.loads(frames[2][len("data: "):])
+    assert err == {"error": "went wrong", "details": {"status": 400, "endpoint": "/stream"}}
+    assert len(frames) == 3  # no [DONE] after an error
+    assert stream.cancelled
+
+
+async def test_unexpected_error_mid_stream_hides_internals() -> None:
+    stream = FakeStream(["a"], RuntimeError("cuda OOM at 0xdeadbeef"))
+    r = await get(make_app(stream), "/stream")
+    last = json.loads(r.text.strip().split("\n\n")[-1][len("data: "):])
+    assert last["details"]["status"] == 500 and last["details"]["request_id"] == "rid-1"
+    assert "deadbeef" not in r.text
+
+
+async def test_complete_stream_ends_with_done() -> None:
+    r = await get(make_app(FakeStream(["a"])), "/stream")
+    assert r.text.endswith("data: [DONE]\n\n")

@@ -1,0 +1,49 @@
+"""Both config profiles build into the intended Serve deployments (the GPU one cannot run here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from voltage_ray.app import build_app, load_args
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def deployments(path: Path) -> dict[str, Any]:
+    app = build_app(load_args(path))
+    ingress = app._bound_deployment
+    found = {ingress.name: ingress}
+    for model_app in ingress.init_args[1].values():
+        dep = model_app._bound_deployment
+        found[dep.name] = dep
+    return found
+
+
+def test_gpu_profile_asks_fractional_gpus_with_autoscaling() -> None:
+    deps = deployments(REPO / "configs" / "gpu.yaml")
+    assert set(deps) == {
+        "Ingress",
+        "chat-Qwen2.5-1.5B-Instruct",
+        "embeddings-bge-base-en-v1.5",
+        "images-stable-diffusion-v1-5",
+    }
+    gpus = {name: d.ray_actor_options.get("num_gpus", 0) for name, d in deps.items()}
+    assert gpus == {
+        "Ingress": 0,
+        "chat-Qwen2.5-1.5B-Instruct": 0.5,
+        "embeddings-bge-base-en-v1.5": 0.25,
+        "images-stable-diffusion-v1-5": 0.5,
+    }
+    for name, dep in deps.items():
+        auto = dep._deployment_config.autoscaling_config
+        assert auto is not None and auto.max_replicas > auto.min_replicas >= 1, name
+    chat_args = deps["chat-Qwen2.5-1.5B-Instruct"].init_args[0]
+    assert chat_args["source"] == {"hub": "Qwen/Qwen2.5-1.5B-Instruct", "revision": None}
+
+
+def test_cpu_default_asks_no_gpu() -> None:
+    deps = deployments(REPO / "serve_config.yaml")
+    assert len(deps) == 4
+    assert all(d.ray_actor_options.get("num_gpus", 0) == 0 for d in deps.values())
+    assert all(d.ray_actor_options["num_cpus"] <= 0.5 for d in deps.values())
