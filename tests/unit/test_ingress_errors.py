@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
 import httpx
+import pytest
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
@@ -101,3 +103,50 @@ async def test_unexpected_error_mid_stream_hides_internals() -> None:
 async def test_complete_stream_ends_with_done() -> None:
     r = await get(make_app(FakeStream(["a"])), "/stream")
     assert r.text.endswith("data: [DONE]\n\n")
+
+
+class StalledStream(FakeStream):
+    """Yields one item, then waits forever unless cancelled (like a replica stuck generating)."""
+
+    def __init__(self) -> None:
+        super().__init__(["a"])
+        self._cancel = asyncio.Event()
+
+    async def __anext__(self) -> str:
+        if self.items:
+            return self.items.pop(0)
+        await self._cancel.wait()
+        raise RuntimeError("request cancelled")
+
+    def cancel(self) -> None:
+        super().cancel()
+        self._cancel.set()
+
+
+async def test_stream_deadline_cancels_the_model_call_and_ends_with_504() -> None:
+    stream = StalledStream()
+    first = await sse.first_item(stream)
+    frames = [f async for f in sse.relay(first, stream, json.dumps, endpoint="/s", rid="r",
+                                         timeout_s=0.2)]
+    assert stream.cancelled
+    err = json.loads(frames[-1][len("data: "):])
+    assert err["details"]["status"] == 504 and "deadline" in err["error"]
+
+
+async def test_within_cancels_a_slow_call() -> None:
+    from voltage_ray.errors import GatewayTimeout
+    from voltage_ray.ingress.guards import within
+
+    class Slow:
+        cancelled = False
+
+        def __await__(self):  # type: ignore[no-untyped-def]
+            return asyncio.sleep(10).__await__()
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    slow = Slow()
+    with pytest.raises(GatewayTimeout):
+        await within(slow, 0.05)
+    assert slow.cancelled

@@ -34,9 +34,10 @@ def deployment_name(model: ModelConfig) -> str:
 
 
 def bind_model(model: ModelConfig, config: AppConfig) -> Application:
-    deployment = serve.deployment(
-        server_class(model.kind), name=deployment_name(model), **model.deployment.to_serve()
-    )
+    cls = server_class(model.kind)
+    if model.deployment.user_config is not None and not hasattr(cls, "reconfigure"):
+        raise ValueError(f"model {model.id!r}: {model.kind} models take no user_config")
+    deployment = serve.deployment(cls, name=deployment_name(model), **model.deployment.to_serve())
     return deployment.bind(model.model_dump(mode="json"), config.cache_dir)
 
 

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 
 from voltage_ray import __version__
-from voltage_ray.ingress import chat, errors, models
+from voltage_ray.ingress import chat, embeddings, errors, images, models
+from voltage_ray.ingress.guards import BodySizeLimit
 
 if TYPE_CHECKING:
     from voltage_ray.ingress.deployment import Ingress
@@ -24,9 +25,12 @@ def create_api(ingress: Ingress) -> FastAPI:
     app = FastAPI(title="VoltageGPU API", version=__version__, description=DESCRIPTION)
     app.state.ingress = ingress
     errors.install(app)
+    app.add_middleware(BodySizeLimit, max_bytes=ingress.config.request_limits.max_body_bytes)
     app.include_router(models.health_router)
     for prefix in PREFIXES:
         app.include_router(chat.router, prefix=prefix)
+        app.include_router(embeddings.router, prefix=prefix)
+        app.include_router(images.router, prefix=prefix)
         app.include_router(models.router, prefix=prefix)
         app.include_router(models.health_router, prefix=prefix)
     return app

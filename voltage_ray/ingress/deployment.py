@@ -14,11 +14,11 @@ from fastapi import FastAPI, Request
 from ray import serve
 
 from voltage_ray.config import AppConfig, ModelConfig, ModelKind
-from voltage_ray.errors import NotFound
+from voltage_ray.errors import NotFound, Unauthorized
 from voltage_ray.ingress.api import create_api
 from voltage_ray.ingress.auth import presented_key
-from voltage_ray.limits import limiter as limiter_mod
-from voltage_ray.limits.limiter import Principal
+from voltage_ray.limits.client import LimiterClient, get_or_create_limiter
+from voltage_ray.limits.limiter import Grant, Principal
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class Ticket:
     reserved_images: int = 0
     headers: dict[str, str] = field(default_factory=dict)
     settled: bool = False
+    grant: Grant | None = None  # None when limits are disabled
 
 
 class Ingress:
@@ -55,30 +56,60 @@ class Ingress:
             name: m for m in self.config.models for name in m.names
         }
         assert self.config.database and self.config.plans
-        self.limiter = limiter_mod.get_or_create_limiter(self.config.database, self.config.plans)
-        await limiter_mod.call(
-            self.limiter.configure, self.config.database, self.config.plans, timeout_s=60
+        self.limits = self.config.limits
+        options = self.limits.model_dump(include={"flush_interval_s", "reservation_ttl_s"})
+        limiter_args = (self.config.database, self.config.plans, options)
+        self.limiter = LimiterClient(
+            lambda: get_or_create_limiter(*limiter_args, self.limits.node_resource),
+            timeout_s=self.limits.timeout_s,
         )
+        await self.limiter.call("configure", *limiter_args, timeout_s=60)
         self._status_cache: tuple[float, dict[str, bool]] | None = None
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self)
 
     async def authenticate(self, request: Request) -> Principal:
+        """The caller, or Unauthorized. Answers are cached briefly per replica."""
         key_id, key_hash = presented_key(request)
-        principal: Principal = await limiter_mod.call(self.limiter.authenticate, key_id, key_hash)
+        principal = await self.limiter.authenticate(key_id, key_hash)
+        if principal is None:
+            raise Unauthorized()
         request.state.principal = principal
         return principal
 
     async def admit(
         self, principal: Principal, *, endpoint: str, model: str, tokens: int = 0, images: int = 0
     ) -> Ticket:
-        """Phase one: reserve what the request can at most use, before the model call."""
-        return Ticket(principal, endpoint, model, tokens, images)
+        """Phase one: take a request slot and reserve what the request can at most use.
+
+        One limiter round trip (shared with concurrent admissions); a refusal raises its
+        429/403, an unreachable limiter a 503. ``ticket.headers`` are the x-ratelimit-* headers.
+        """
+        tokens, images = max(0, int(tokens)), max(0, int(images))
+        if not self.limits.enabled:
+            return Ticket(principal, endpoint, model, tokens, images)
+        config = self.by_name.get(model)
+        names = tuple(config.names) if config else (model,)
+        grant = await self.limiter.admit(principal.key_id, names, tokens, images)
+        return Ticket(principal, endpoint, model, tokens, images, grant.headers, grant=grant)
 
     async def settle(self, ticket: Ticket, *, tokens: int = 0, images: int = 0) -> None:
-        """Phase two: account what was used and release the rest. Idempotent."""
+        """Phase two: account what was used and release the rest. Idempotent, never blocks:
+        the settlement is queued and delivered (with retries) by the limiter client."""
+        if ticket.settled:
+            return
         ticket.settled = True
+        if ticket.grant is not None:
+            self.limiter.settle(ticket.grant, max(0, int(tokens)), max(0, int(images)))
+
+    async def __del__(self) -> None:
+        """Graceful shutdown: deliver queued settlements, then have the limiter write usage."""
+        try:
+            await self.limiter.drain()
+            await self.limiter.call("flush")
+        except Exception as exc:  # shutting down: report, never raise
+            logger.warning("limiter flush at shutdown failed: %r", exc)
 
     @asynccontextmanager
     async def metered(
@@ -99,7 +130,7 @@ class Ingress:
         model = self.by_name.get(name)
         if model is None or model.kind != kind:
             available = sorted(n for m in self.config.models if m.kind == kind for n in m.names)
-            what = "does not exist" if model is None else f"is not a {kind} model"
+            what = "does not exist" if model is None else f"is not one of the {kind} models"
             raise NotFound(
                 f"The model '{name}' {what}. Available {kind} models: {', '.join(available)}",
                 details={"available_models": available},

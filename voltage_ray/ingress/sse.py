@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from voltage_ray.ingress.errors import to_voltage_error
+from voltage_ray.ingress.guards import Deadline
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,14 @@ async def relay(
     endpoint: str,
     rid: str,
     on_close: Callable[[BaseException | None], Awaitable[None]] | None = None,
+    timeout_s: float | None = None,
 ) -> AsyncIterator[str]:
-    """SSE frames from a handle stream: ``render`` maps an item to a JSON payload or None."""
+    """SSE frames from a handle stream: ``render`` maps an item to a JSON payload or None.
+
+    With ``timeout_s``, the model call is cancelled when the deadline passes, also while the
+    client has stopped reading, and the stream ends with a 504 error frame.
+    """
+    deadline = Deadline(gen, timeout_s) if timeout_s else None
     failure: BaseException | None = None
     finished = False
     try:
@@ -62,10 +69,16 @@ async def relay(
         raise
     except Exception as exc:
         failure = exc
-        err = to_voltage_error(exc, endpoint, rid)
+        err = (
+            deadline.error()
+            if deadline and deadline.expired
+            else to_voltage_error(exc, endpoint, rid)
+        )
         extra = {"request_id": rid} if err.status >= 500 else {}
         yield frame(json.dumps(err.body(endpoint, **extra)))
     finally:
+        if deadline:
+            deadline.close()
         if not finished:
             gen.cancel()
         if on_close is not None:

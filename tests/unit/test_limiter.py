@@ -1,0 +1,193 @@
+"""The limiter class without Ray: atomic admission, settlement, group commit, restart recovery.
+
+The actor is an ordinary class; Ray adds only the remote calls. These tests drive it on one
+event loop, as the actor's loop does, with many admissions in flight at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from voltage_ray.errors import Forbidden, QuotaExceeded, RateLimited, Unauthorized
+from voltage_ray.limits import limiter as limiter_mod
+from voltage_ray.limits.keys import KeyStore, hash_key, parse_key
+from voltage_ray.limits.limiter import Grant, Limiter, Settlement
+
+PLANS = """\
+plans:
+  five: {requests_per_minute: 5}
+  tiny: {tokens_per_month: 100, images_per_month: 2}
+  open: {}
+"""
+
+
+@pytest.fixture()
+def env(tmp_path: Path) -> tuple[Path, Path]:
+    plans = tmp_path / "plans.yaml"
+    plans.write_text(PLANS)
+    return tmp_path / "v.db", plans
+
+
+def new_key(db: Path, plan: str) -> tuple[str, str]:
+    store = KeyStore(db)
+    try:
+        record, key = store.create(plan)
+        return record.id, key
+    finally:
+        store.close()
+
+
+def settlement(g: Grant, tokens: int = 0, images: int = 0) -> Settlement:
+    return Settlement(g.ticket, g.epoch, g.key_id, g.period, g.tokens, g.images, tokens, images)
+
+
+def stored(db: Path, key_id: str) -> tuple[int, int, int, int] | None:
+    row = (
+        sqlite3.connect(db)
+        .execute(
+            "SELECT requests, tokens, images, reserved_tokens FROM usage WHERE key_id = ?",
+            (key_id,),
+        )
+        .fetchone()
+    )
+    return tuple(row) if row else None
+
+
+async def test_forty_simultaneous_admissions_on_five_per_minute(env: tuple[Path, Path]) -> None:
+    db, plans = env
+    key_id, _ = new_key(db, "five")
+    lim = Limiter(str(db), str(plans))
+    results = await asyncio.gather(*(lim.admit(key_id, (), 0, 0) for _ in range(40)))
+    grants = [r for r in results if isinstance(r, Grant)]
+    refusals = [r for r in results if isinstance(r, RateLimited)]
+    assert len(grants) == 5 and len(refusals) == 35
+    assert refusals[0].details["retry_after"] == 60
+    assert refusals[0].headers["Retry-After"] == "60"
+    assert refusals[0].headers["x-ratelimit-remaining-requests"] == "0"
+    assert sorted(g.headers["x-ratelimit-remaining-requests"] for g in grants) == list("01234")
+
+
+async def test_token_quota_is_never_exceeded(env: tuple[Path, Path]) -> None:
+    db, plans = env
+    key_id, _ = new_key(db, "tiny")
+    lim = Limiter(str(db), str(plans))
+    results = await asyncio.gather(*(lim.admit(key_id, (), 30, 0) for _ in range(30)))
+    grants = [r for r in results if isinstance(r, Grant)]
+    assert len(grants) == 3
+    refusal = next(r for r in results if isinstance(r, QuotaExceeded))
+    assert refusal.details["usage"] == {"tokens_used": 0, "tokens_limit": 100}
+    assert refusal.details["plan"] == "tiny"
+    await lim.settle([settlement(g, tokens=20) for g in grants])
+    more = await asyncio.gather(*(lim.admit(key_id, (), 30, 0) for _ in range(10)))
+    assert sum(isinstance(r, Grant) for r in more) == 1  # 60 used + 30 reserved
+    report = await lim.usage(key_id)
+    assert report is not None
+    assert report["limits"]["tokens"] == {"used": 60, "reserved": 30, "limit": 100}
+    # Settling twice changes nothing.
+    await lim.settle([settlement(g, tokens=20) for g in grants])
+    assert (await lim.usage(key_id))["limits"]["tokens"]["used"] == 60  # type: ignore[index]
+
+
+async def test_flush_restart_and_late_settlement(env: tuple[Path, Path]) -> None:
+    db, plans = env
+    key_id, _ = new_key(db, "tiny")
+    lim = Limiter(str(db), str(plans))
+    g1 = await lim.admit(key_id, (), 40, 0)
+    g2 = await lim.admit(key_id, (), 40, 0)
+    assert isinstance(g1, Grant) and isinstance(g2, Grant)
+    await lim.settle([settlement(g1, tokens=25)])
+    assert await lim.flush() == 1
+    assert stored(db, key_id) == (2, 25, 0, 40)
+    # The actor dies; a new incarnation restores the outstanding hold from the database.
+    new = Limiter(str(db), str(plans))
+    assert isinstance(await new.admit(key_id, (), 36, 0), QuotaExceeded)  # 25 + 40 + 36 > 100
+    await new.settle([settlement(g2, tokens=5)])  # the old ticket settles at the new actor
+    report = await new.usage(key_id)
+    assert report is not None
+    assert report["limits"]["tokens"] == {"used": 30, "reserved": 0, "limit": 100}
+    assert isinstance(await new.admit(key_id, (), 70, 0), Grant)
+
+
+async def test_rate_window_survives_a_restart(env: tuple[Path, Path]) -> None:
+    db, plans = env
+    key_id, _ = new_key(db, "five")
+    lim = Limiter(str(db), str(plans))
+    for _ in range(3):
+        assert isinstance(await lim.admit(key_id, (), 0, 0), Grant)
+    lim.__ray_shutdown__()  # graceful exit writes everything
+    new = Limiter(str(db), str(plans))
+    results = [await new.admit(key_id, (), 0, 0) for _ in range(5)]
+    assert [isinstance(r, Grant) for r in results] == [True, True, False, False, False]
+
+
+async def test_unsettled_reservations_expire_charged_in_full(env: tuple[Path, Path]) -> None:
+    db, plans = env
+    key_id, _ = new_key(db, "tiny")
+    lim = Limiter(str(db), str(plans), {"reservation_ttl_s": 0.01})
+    g = await lim.admit(key_id, (), 30, 1)
+    assert isinstance(g, Grant)
+    await asyncio.sleep(0.02)
+    await lim.flush()
+    assert stored(db, key_id) == (1, 30, 1, 0)
+    await lim.settle([settlement(g, tokens=3)])  # too late: already charged
+    assert stored(db, key_id) == (1, 30, 1, 0)
+
+
+async def test_keys_plans_and_hot_reload(
+    env: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db, plans = env
+    monkeypatch.setattr(limiter_mod, "PLANS_RELOAD_S", 0.0)
+    key_id, key = new_key(db, "open")
+    lim = Limiter(str(db), str(plans))
+    principal = await lim.authenticate(key_id, hash_key(key))
+    assert principal is not None and principal.plan == "open"
+    assert await lim.authenticate(key_id, hash_key(key + "x")) is None
+    assert isinstance(await lim.admit(key_id, (), 10, 0), Grant)
+    plans.write_text(PLANS.replace("open: {}", "open: {requests_per_minute: 1, models: [m]}"))
+    import os
+
+    os.utime(plans, (1, 1))  # a distinct mtime even within the filesystem's resolution
+    assert isinstance(await lim.admit(key_id, ("other",), 0, 0), Forbidden)
+    assert isinstance(await lim.admit(key_id, ("m",), 0, 0), RateLimited)  # one already taken
+    assert isinstance(await lim.admit("000000000000", (), 0, 0), Unauthorized)
+    store = KeyStore(db)
+    store.revoke(key_id)
+    store.close()
+    lim._records.clear()  # skip the 2 s cache
+    assert isinstance(await lim.admit(key_id, ("m",), 0, 0), Unauthorized)
+    assert parse_key(key) == key_id
+
+
+async def test_monthly_quota_resets_with_the_calendar_month(
+    env: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datetime as dt
+    import time
+
+    db, plans = env
+    key_id, _ = new_key(db, "tiny")
+    end_of_march = dt.datetime(2025, 3, 31, 23, 59, 59, tzinfo=dt.timezone.utc).timestamp()
+    clock = {"now": end_of_march}
+    monkeypatch.setattr(time, "time", lambda: clock["now"])
+    lim = Limiter(str(db), str(plans))
+    spent = await lim.admit(key_id, (), 90, 0)
+    in_flight = await lim.admit(key_id, (), 10, 0)
+    assert isinstance(spent, Grant) and isinstance(in_flight, Grant)
+    await lim.settle([settlement(spent, tokens=90)])
+    assert isinstance(await lim.admit(key_id, (), 1, 0), QuotaExceeded)
+    clock["now"] = end_of_march + 2  # April, UTC
+    april = await lim.admit(key_id, (), 100, 0)
+    assert isinstance(april, Grant) and april.period == "2025-04"
+    await lim.settle([settlement(in_flight, tokens=4)])  # counted in March, where it was admitted
+    await lim.flush()
+    rows = (
+        sqlite3.connect(db)
+        .execute("SELECT period, requests, tokens, reserved_tokens FROM usage ORDER BY period")
+        .fetchall()
+    )
+    assert rows == [("2025-03", 2, 94, 0), ("2025-04", 1, 0, 100)]

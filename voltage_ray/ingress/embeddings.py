@@ -1,0 +1,39 @@
+"""`POST /embeddings`: resolve the caller and model, call the EmbeddingServer, return JSON."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from voltage_ray.ingress.deps import get_ingress, get_principal
+from voltage_ray.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
+
+if TYPE_CHECKING:
+    from voltage_ray.limits.limiter import Principal
+
+router = APIRouter(tags=["Embeddings"])
+
+
+@router.post(
+    "/embeddings",
+    summary="Create embeddings",
+    response_model=EmbeddingResponse,
+    response_class=Response,
+)
+async def create_embedding(
+    body: EmbeddingRequest,
+    request: Request,
+    principal: Principal = Depends(get_principal),
+) -> Response:
+    ingress = get_ingress(request)
+    handle = ingress.resolve(body.model, "embeddings")
+    async with ingress.metered(
+        principal, endpoint=request.url.path, model=body.model, tokens=body.token_upper_bound
+    ) as ticket:
+        response: EmbeddingResponse = await handle.embed.remote(body)
+        await ingress.settle(ticket, tokens=response.usage.total_tokens)
+    # pydantic writes the JSON itself: thousands of floats are much faster there than json.dumps.
+    return Response(
+        response.model_dump_json(), media_type="application/json", headers=ticket.headers
+    )

@@ -1,0 +1,220 @@
+"""An ingress replica's side of the limiter: one round trip carries many admissions.
+
+Admissions and settlements are queued and sent together in one ``exchange`` call; while one call
+is in flight, the next batch collects. At low load every admission is one round trip of its own;
+under load the round trip is shared, so the limiter's cost per request falls as load rises (a
+Ray actor call costs about a millisecond of CPU, a small model request a few). Each admission in
+a batch is still decided atomically, in arrival order, by the actor.
+
+Settlements never block the request that sends them; they are retried while the limiter is
+unavailable (the reservation holds until the limiter receives them). Admissions fail fast with
+a 503 instead: a request is never admitted unmetered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+
+from voltage_ray.errors import ServiceUnavailable, VoltageError
+from voltage_ray.limits import limiter as limiter_mod
+from voltage_ray.limits.limiter import Grant, Principal, Settlement
+
+logger = logging.getLogger(__name__)
+
+AUTH_CACHE_S = 1.0  # plus the limiter's own 2 s: key changes apply within 3 s (contract: 5 s)
+SETTLE_GIVE_UP_S = 300.0  # past this, an unsettled reservation waits for the limiter's TTL
+SETTLE_DELAY_S = 0.02  # a settlement waits this long for an admission to ride along with
+MAX_BACKOFF_S = 2.0
+RETRY = {"Retry-After": "1"}  # on a 503: the limiter restarts within seconds
+
+
+class LimiterClient:
+    """Calls the shared limiter actor for one process; coalesces admissions and settlements."""
+
+    def __init__(self, connect: Callable[[], Any], timeout_s: float = 5.0) -> None:
+        self._connect = connect  # returns the actor handle (get or create by name)
+        self.actor = connect()
+        self._found = time.monotonic()
+        self.timeout_s = timeout_s
+        self._auth: dict[tuple[str, str], tuple[float, Principal | None]] = {}
+        self._admits: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._settles: list[Settlement] = []
+        self._failing_since: float | None = None
+        self._busy = False
+        self._work = self._admitted = asyncio.Event()  # replaced on the running loop
+        self._task: asyncio.Task[None] | None = None
+
+    async def call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
+        """One direct call; 503 while the limiter is unavailable.
+
+        A limiter that died for good (killed without restart) is looked up again by name, which
+        creates a new one on the database's node; it reloads usage from the database.
+        """
+        try:
+            return await call(
+                getattr(self.actor, method), *args, timeout_s=timeout_s or self.timeout_s
+            )
+        except ServiceUnavailable as exc:
+            self._maybe_reconnect(exc)
+            raise
+
+    def _maybe_reconnect(self, exc: BaseException) -> None:
+        died = isinstance(exc.__cause__, ray.exceptions.ActorDiedError)
+        if died and time.monotonic() - self._found > 1.0:
+            self._found = time.monotonic()
+            self.actor = self._connect()
+
+    async def authenticate(self, key_id: str, key_hash: str) -> Principal | None:
+        """The key's principal (None for a bad key), cached for AUTH_CACHE_S."""
+        now = time.monotonic()
+        cached = self._auth.get((key_id, key_hash))
+        if cached is not None and now - cached[0] < AUTH_CACHE_S:
+            return cached[1]
+        principal: Principal | None = await self.call("authenticate", key_id, key_hash)
+        if len(self._auth) > 100_000:
+            self._auth.clear()
+        self._auth[(key_id, key_hash)] = (now, principal)
+        return principal
+
+    async def admit(self, key_id: str, models: tuple[str, ...], tokens: int, images: int) -> Grant:
+        """Admit through the next exchange; raises the refusal (401/403/429) or a 503."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._admits.append(((key_id, models, tokens, images), future))
+        self._kick()
+        result = await future
+        if isinstance(result, VoltageError):
+            raise result
+        return result
+
+    def settle(self, grant: Grant, tokens: int, images: int) -> None:
+        """Queue a settlement; it goes with the next admission, or alone after SETTLE_DELAY_S."""
+        g = grant
+        used = Settlement(g.ticket, g.epoch, g.key_id, g.period, g.tokens, g.images, tokens, images)
+        self._settles.append(used)
+        self._kick(admission=False)
+
+    def _kick(self, admission: bool = True) -> None:
+        if self._task is None or self._task.done():
+            self._work, self._admitted = asyncio.Event(), asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        self._work.set()
+        if admission:
+            self._admitted.set()
+
+    async def _run(self) -> None:
+        delay = SETTLE_DELAY_S
+        while True:
+            if not (self._admits or self._settles):
+                await self._work.wait()
+            self._work.clear()
+            if not (self._admits or self._settles):  # already sent with an earlier exchange
+                continue
+            if not self._admits:  # settlements alone: give an admission a moment to join them
+                self._admitted.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._admitted.wait(), delay)
+            ok = await self._exchange()
+            delay = SETTLE_DELAY_S if ok else min(max(2 * delay, 0.1), MAX_BACKOFF_S)
+
+    async def _exchange(self) -> bool:
+        """Send everything queued in one call; False when the limiter was unavailable."""
+        admits, self._admits = self._admits, []
+        settles, self._settles = self._settles, []
+        self._busy = True
+        try:
+            results = await self.call("exchange", settles, [args for args, _ in admits])
+        except ServiceUnavailable as exc:
+            for _, future in admits:
+                if not future.done():
+                    future.set_result(ServiceUnavailable(exc.message, headers=exc.headers))
+            self._requeue(settles)
+            return False
+        finally:
+            self._busy = False
+        self._failing_since = None
+        for (_, future), result in zip(admits, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+            elif isinstance(result, Grant):  # its request went away while waiting: release
+                self.settle(result, 0, 0)
+        return True
+
+    def _requeue(self, settles: list[Settlement]) -> None:
+        now = time.monotonic()
+        self._failing_since = self._failing_since or now
+        if now - self._failing_since > SETTLE_GIVE_UP_S:
+            logger.error("dropping %d settlements: limiter unavailable", len(settles))
+            return
+        self._settles[:0] = settles
+
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Wait until queued settlements are delivered (graceful shutdown)."""
+        deadline = time.monotonic() + timeout_s
+        while (self._settles or self._admits or self._busy) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+
+# --- finding the actor ------------------------------------------------------------------------
+
+
+def _head_node_id() -> str | None:
+    for node in ray.nodes():
+        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+            return str(node["NodeID"])
+    return None
+
+
+def placement(node_resource: str | None) -> dict[str, Any]:
+    """Where the limiter runs: on the node holding the database.
+
+    A configured custom resource names that node (a hard requirement); otherwise the head node,
+    where ``serve run``/``serve deploy`` and the default database path live (soft affinity, so a
+    cluster whose head restarted with a new id can still place it).
+    """
+    if node_resource:
+        return {"resources": {node_resource: 0.001}}
+    head = _head_node_id()
+    if head is None:
+        return {}
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(head, soft=True)}
+
+
+def get_or_create_limiter(
+    db_path: str,
+    plans_path: str,
+    options: dict[str, Any] | None = None,
+    node_resource: str | None = None,
+) -> Any:
+    """The cluster's limiter actor, created on first use (detached, restarted on death)."""
+    actor_cls = ray.remote(limiter_mod.Limiter)
+    return actor_cls.options(
+        name=limiter_mod.ACTOR_NAME,
+        namespace=limiter_mod.NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        max_concurrency=1000,
+        num_cpus=0,
+        **placement(node_resource),
+    ).remote(db_path, plans_path, options)
+
+
+async def call(method: Any, *args: Any, timeout_s: float = 5.0) -> Any:
+    """Call a limiter method; an unreachable limiter is a 503, never an unmetered admit."""
+    try:
+        return await asyncio.wait_for(method.remote(*args), timeout_s)
+    except ray.exceptions.RayActorError as exc:  # died, restarting, or unreachable
+        raise ServiceUnavailable("Rate limiter unavailable, retry shortly", headers=RETRY) from exc
+    except asyncio.TimeoutError as exc:
+        raise ServiceUnavailable(
+            "Rate limiter did not answer in time, retry shortly", headers=RETRY
+        ) from exc

@@ -1,0 +1,53 @@
+"""`POST /images/generations` schemas: the spec's fields first, then the extensions."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import Field
+
+from voltage_ray.protocol.common import RequestModel, ResponseModel
+
+ImageSize = Literal["256x256", "512x512", "1024x1024", "1792x1024", "1024x1792"]
+SIZES: tuple[str, ...] = ImageSize.__args__  # type: ignore[attr-defined]
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed accepts up to this
+MAX_PROMPT_CHARS = 4000  # OpenAI's limit for dall-e-3; CLIP reads only the first 77 tokens
+
+
+class ImageGenerationRequest(RequestModel):
+    """Spec `ImageGenerationRequest`."""
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    n: int = Field(default=1, ge=1, le=10)
+    size: ImageSize = "1024x1024"
+    response_format: Literal["url", "b64_json"] = "url"
+    guidance_scale: float = Field(default=7.5, ge=1, le=20)
+    num_inference_steps: int = Field(default=50, ge=10, le=150)
+    # Extension (OpenAI): the images model; default the first one configured.
+    model: str | None = Field(default=None, min_length=1)
+    # Extensions where the spec is silent: image i of a seeded request uses seed + i.
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    user: str | None = None
+
+    @property
+    def width(self) -> int:
+        return int(self.size.split("x")[0])
+
+    @property
+    def height(self) -> int:
+        return int(self.size.split("x")[1])
+
+
+class ImageData(ResponseModel):
+    """One generated image: exactly one of `url` and `b64_json` (a PNG) is set."""
+
+    url: str | None = None
+    b64_json: str | None = None
+
+
+class ImageGenerationResponse(ResponseModel):
+    """Spec `ImageGenerationResponse`."""
+
+    created: int = Field(default_factory=lambda: int(time.time()))
+    data: list[ImageData]
