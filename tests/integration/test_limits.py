@@ -253,6 +253,28 @@ def test_usage_command(served: ServedApp) -> None:
     assert str(parse_key(key)) in everyone.stdout
 
 
+def test_limits_disabled_still_authenticates(served: ServedApp) -> None:
+    """`limits: {enabled: false}` (for benchmarks): no metering, but keys are still checked."""
+    from ray import serve
+
+    from voltage_ray.app import build_app
+
+    args = {**served.args, "models": served.args["models"][:1], "limits": {"enabled": False}}
+    serve.run(build_app(args), name="nolimits", route_prefix="/nolimits", blocking=False)
+    key = served.new_key("limits_five")
+    url = f"{served.base_url}/nolimits{CHAT}"
+    try:
+        wait_for(lambda: httpx.get(f"{served.base_url}/nolimits/health").status_code == 200, 300)
+        with served.client() as c:
+            rs = [c.post(url, headers=served.headers(key), json=body(1)) for _ in range(7)]
+            assert [r.status_code for r in rs] == [200] * 7
+            assert not any(h.startswith("x-ratelimit") for r in rs for h in r.headers)
+            assert c.post(url, headers=served.headers(key + "x"), json=body(1)).status_code == 401
+        assert report(key)["limits"]["requests"]["used"] == 0
+    finally:
+        serve.delete("nolimits")
+
+
 def test_plan_edited_while_running(served: ServedApp) -> None:
     key = served.new_key("limits_edit")  # 2 requests per minute
     original = served.plans.read_text()

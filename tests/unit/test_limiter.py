@@ -191,3 +191,34 @@ async def test_monthly_quota_resets_with_the_calendar_month(
         .fetchall()
     )
     assert rows == [("2025-03", 2, 94, 0), ("2025-04", 1, 0, 100)]
+
+
+async def test_late_settlement_of_a_past_period_after_a_restart(
+    env: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datetime as dt
+    import time
+
+    db, plans = env
+    key_id, _ = new_key(db, "tiny")
+    clock = {"now": dt.datetime(2025, 3, 31, 23, 59, tzinfo=dt.timezone.utc).timestamp()}
+    monkeypatch.setattr(time, "time", lambda: clock["now"])
+    old = Limiter(str(db), str(plans), {"reservation_ttl_s": 60})
+    g = await old.admit(key_id, (), 40, 0)
+    assert isinstance(g, Grant)
+    await old.flush()
+    clock["now"] += 120  # April; the actor died and a new one starts
+    new = Limiter(str(db), str(plans), {"reservation_ttl_s": 60})
+    assert isinstance(await new.admit(key_id, (), 100, 0), Grant)  # April is untouched
+    await new.settle([settlement(g, tokens=11)])
+    assert await new.flush() >= 1
+    clock["now"] += 120  # past the restored hold's deadline: nothing left to expire
+    await new.flush()
+    rows = (
+        sqlite3.connect(db)
+        .execute("SELECT period, tokens, reserved_tokens FROM usage ORDER BY period")
+        .fetchall()
+    )
+    # March: the late settlement released the restored hold. April: never settled within the
+    # TTL, so charged in full.
+    assert rows == [("2025-03", 11, 0), ("2025-04", 100, 0)]

@@ -151,10 +151,11 @@ def _child_load(location: str, settings: dict[str, Any], device: str | None) -> 
     _engine = EmbeddingEngine(location, EmbeddingSettings.model_validate(settings), device)
 
 
-def _child_facts() -> tuple[Any, int, int]:
+def _child_facts() -> tuple[Any, int, int, int]:
     assert _engine is not None
     limits = _engine.limits
-    return _engine.model.tokenizer, limits.dimensions, limits.max_seq_length
+    threads = torch.get_num_threads()
+    return _engine.model.tokenizer, limits.dimensions, limits.max_seq_length, threads
 
 
 def _child_encode(texts: Sequence[str]) -> np.ndarray:
@@ -176,8 +177,9 @@ class EncoderProcess:
             initializer=_child_load,
             initargs=(location, settings.model_dump(), device),
         )
-        tokenizer, dimensions, max_seq_length = self.executor.submit(_child_facts).result()
+        tokenizer, dimensions, max_seq_length, threads = self.executor.submit(_child_facts).result()
         self.limits = InputLimits(tokenizer, dimensions, max_seq_length, settings.truncate)
+        self.threads = threads  # torch threads of the child, at start
         self.broken = False
 
     def submit(self, texts: Sequence[str]) -> Future[np.ndarray]:

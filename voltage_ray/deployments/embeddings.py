@@ -54,6 +54,7 @@ class BatchStats:
         self.model_id = model_id
         self.sizes: Counter[int] = Counter()
         self.recent: deque[int] = deque(maxlen=STATS_WINDOW)
+        self.encode_s = 0.0  # time the model was busy (submit to result)
         self._logged_at = time.monotonic()
         self._since_log: list[int] = []
         self._metric = metrics.Histogram(
@@ -63,8 +64,9 @@ class BatchStats:
             tag_keys=("model",),
         )
 
-    def record(self, size: int) -> None:
+    def record(self, size: int, seconds: float) -> None:
         self.sizes[size] += 1
+        self.encode_s += seconds
         self.recent.append(size)
         self._since_log.append(size)
         self._metric.observe(size, tags={"model": self.model_id})
@@ -86,6 +88,7 @@ class BatchStats:
         return {
             "batches": sum(self.sizes.values()),
             "inputs": sum(k * v for k, v in self.sizes.items()),
+            "encode_s": round(self.encode_s, 3),
             "sizes": {str(k): v for k, v in sorted(self.sizes.items())},
             "recent_mean": sum(recent) / len(recent) if recent else 0.0,
             "recent_max": max(recent, default=0),
@@ -99,7 +102,7 @@ class EncodeLoop:
         self,
         encode: Callable[[list[str]], Awaitable[np.ndarray]],
         max_batch_size: int,
-        on_batch: Callable[[int], None],
+        on_batch: Callable[[int, float], None],
     ) -> None:
         self.encode = encode
         self.max_batch_size = max_batch_size
@@ -136,13 +139,15 @@ class EncodeLoop:
             self._wake.clear()
             while group := self._take():
                 texts = [t for chunk, _ in group for t in chunk]
-                self.on_batch(len(texts))
+                started = time.perf_counter()
                 try:
                     vectors = await self.encode(texts)
                 except Exception as exc:
                     for _, future in group:
                         future.set_exception(exc)
                     continue
+                finally:
+                    self.on_batch(len(texts), time.perf_counter() - started)
                 start = 0
                 for chunk, future in group:
                     future.set_result(vectors[start : start + len(chunk)])
@@ -165,10 +170,11 @@ class EmbeddingServer:
         self.loop = EncodeLoop(self._encode, self.settings.max_batch_size, self.stats.record)
         self._apply(self.settings)
         logger.info(
-            "embeddings model %s ready (width %d, %d tokens per input)",
+            "embeddings model %s ready (width %d, %d tokens per input, %d torch threads)",
             self.config.id,
             self.limits.dimensions,
             self.limits.max_input_tokens,
+            self.settings.torch_threads or self.encoder.threads,
         )
 
     async def _encode(self, texts: list[str]) -> np.ndarray:
@@ -262,6 +268,7 @@ class EmbeddingServer:
             "max_batch_size": self._batcher._get_max_batch_size(),
             "batch_wait_timeout_s": self._batcher._get_batch_wait_timeout_s(),
             "truncate": self.settings.truncate,
+            "torch_threads": self.settings.torch_threads or self.encoder.threads,
             "replica": replica,
             "pid": os.getpid(),
         }

@@ -328,8 +328,10 @@ class Limiter:
         for ident, deadline in list(self._orphan_deadlines.items()):
             if deadline <= now:
                 del self._orphan_deadlines[ident]
-                quota.expire_orphans(self.usages[ident])
-                self._dirty_usage.add(ident)
+                usage = self.usages.get(ident)  # None: forgotten, its holds all released
+                if usage is not None and (usage.orphan_tokens or usage.orphan_images):
+                    quota.expire_orphans(usage)
+                    self._dirty_usage.add(ident)
 
     # --- durability --------------------------------------------------------------------------
 
