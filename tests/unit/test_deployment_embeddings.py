@@ -29,7 +29,7 @@ class SlowEncoder:
 async def test_chunks_waiting_behind_an_encode_are_merged_in_order() -> None:
     enc = SlowEncoder()
     sizes: list[int] = []
-    loop = EncodeLoop(enc, max_batch_size=5, on_batch=lambda n, seconds: sizes.append(n))
+    loop = EncodeLoop(enc, max_batch_size=5, on_batch=sizes.append)
     first = loop.enqueue(["a"])
     await asyncio.sleep(0.05)  # the first encode is now running (and blocked)
     waiting = [loop.enqueue(["bb", "ccc"]), loop.enqueue(["dddd"]), loop.enqueue(["e" * 5] * 3)]
@@ -41,10 +41,29 @@ async def test_chunks_waiting_behind_an_encode_are_merged_in_order() -> None:
     assert [r[:, 0].tolist() for r in results] == [[1.0], [2.0, 3.0], [4.0], [5.0] * 3]
 
 
+async def test_a_full_batch_is_sent_ahead_a_partial_one_waits() -> None:
+    enc = SlowEncoder()
+    loop = EncodeLoop(enc, max_batch_size=2, on_batch=lambda n: None)
+    first = loop.enqueue(["a"])
+    await asyncio.sleep(0.05)
+    partial = loop.enqueue(["b"])
+    await asyncio.sleep(0.05)
+    assert enc.calls == [["a"]]  # one input waits: it gathers company while "a" runs
+    full = loop.enqueue(["c"])
+    await asyncio.sleep(0.05)
+    assert enc.calls == [["a"], ["b", "c"]]  # a full batch goes ahead: two in flight
+    third = loop.enqueue(["d", "e"])
+    await asyncio.sleep(0.05)
+    assert len(enc.calls) == 2  # never more than two
+    enc.release.set()
+    await asyncio.gather(first, partial, full, third)
+    assert enc.calls[-1] == ["d", "e"] and loop.busy_s > 0.1
+
+
 async def test_an_encode_error_reaches_every_chunk_of_its_batch() -> None:
     enc = SlowEncoder()
     enc.fail = True
-    loop = EncodeLoop(enc, max_batch_size=8, on_batch=lambda n, seconds: None)
+    loop = EncodeLoop(enc, max_batch_size=8, on_batch=lambda n: None)
     futures = [loop.enqueue(["x"]), loop.enqueue(["y", "z"])]
     enc.release.set()
     for outcome in await asyncio.gather(*futures, return_exceptions=True):
@@ -57,7 +76,7 @@ async def test_an_encode_error_reaches_every_chunk_of_its_batch() -> None:
 async def test_max_batch_size_is_read_per_batch() -> None:
     enc = SlowEncoder()
     enc.release.set()
-    loop = EncodeLoop(enc, max_batch_size=2, on_batch=lambda n, seconds: None)
+    loop = EncodeLoop(enc, max_batch_size=2, on_batch=lambda n: None)
     loop.max_batch_size = 1
     await asyncio.gather(*(loop.enqueue([t]) for t in "abc"))
     assert all(len(call) == 1 for call in enc.calls)
@@ -66,8 +85,8 @@ async def test_max_batch_size_is_read_per_batch() -> None:
 def test_batch_stats_summary() -> None:
     stats = BatchStats("m")
     for size in (1, 4, 4, 32):
-        stats.record(size, 0.25)
+        stats.record(size)
     summary = stats.summary()
-    assert summary["batches"] == 4 and summary["inputs"] == 41 and summary["encode_s"] == 1.0
+    assert summary["batches"] == 4 and summary["inputs"] == 41
     assert summary["sizes"] == {"1": 1, "4": 2, "32": 1}
     assert summary["recent_mean"] == pytest.approx(41 / 4) and summary["recent_max"] == 32

@@ -44,6 +44,8 @@ _DEFAULTS = EmbeddingSettings()
 INLINE_TOKENIZE_CHARS = 20_000
 STATS_WINDOW = 1000
 SUMMARY_LOG_S = 30.0
+PIPELINE_DEPTH = 2  # encodes in flight at most: see EncodeLoop
+Chunk = tuple[list[str], "asyncio.Future[np.ndarray]"]  # texts and the future of their rows
 SIZE_BOUNDARIES = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]
 
 
@@ -54,7 +56,6 @@ class BatchStats:
         self.model_id = model_id
         self.sizes: Counter[int] = Counter()
         self.recent: deque[int] = deque(maxlen=STATS_WINDOW)
-        self.encode_s = 0.0  # time the model was busy (submit to result)
         self._logged_at = time.monotonic()
         self._since_log: list[int] = []
         self._metric = metrics.Histogram(
@@ -64,9 +65,8 @@ class BatchStats:
             tag_keys=("model",),
         )
 
-    def record(self, size: int, seconds: float) -> None:
+    def record(self, size: int) -> None:
         self.sizes[size] += 1
-        self.encode_s += seconds
         self.recent.append(size)
         self._since_log.append(size)
         self._metric.observe(size, tags={"model": self.model_id})
@@ -88,7 +88,6 @@ class BatchStats:
         return {
             "batches": sum(self.sizes.values()),
             "inputs": sum(k * v for k, v in self.sizes.items()),
-            "encode_s": round(self.encode_s, 3),
             "sizes": {str(k): v for k, v in sorted(self.sizes.items())},
             "recent_mean": sum(recent) / len(recent) if recent else 0.0,
             "recent_max": max(recent, default=0),
@@ -96,33 +95,44 @@ class BatchStats:
 
 
 class EncodeLoop:
-    """One encode at a time; the chunks that wait meanwhile are merged into the next batch."""
+    """Runs encodes in order; the chunks that wait meanwhile are merged into the next batch.
+
+    One batch is in flight, so that the next one fills while the model works; a second one is
+    sent ahead only when a full batch waits, so that the model never idles between two batches
+    while the results of one travel back (it would gain nothing to wait for more inputs then).
+    """
 
     def __init__(
         self,
         encode: Callable[[list[str]], Awaitable[np.ndarray]],
         max_batch_size: int,
-        on_batch: Callable[[int, float], None],
+        on_batch: Callable[[int], None],
     ) -> None:
         self.encode = encode
         self.max_batch_size = max_batch_size
         self.on_batch = on_batch
-        self._pending: deque[tuple[list[str], asyncio.Future[np.ndarray]]] = deque()
+        self.busy_s = 0.0  # wall time with a batch in flight
+        self._pending: deque[Chunk] = deque()
+        self._queued = 0  # inputs in _pending
+        self._in_flight = 0
+        self._busy_since = 0.0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._batches: set[asyncio.Task[None]] = set()
 
     def enqueue(self, texts: list[str]) -> asyncio.Future[np.ndarray]:
         """A future of the embeddings of ``texts``, encoded together with whatever else waits."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[np.ndarray] = loop.create_future()
         self._pending.append((texts, future))
+        self._queued += len(texts)
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._run())
         self._wake.set()
         return future
 
-    def _take(self) -> list[tuple[list[str], asyncio.Future[np.ndarray]]]:
-        group: list[tuple[list[str], asyncio.Future[np.ndarray]]] = []
+    def _take(self) -> list[Chunk]:
+        group: list[Chunk] = []
         size = 0
         while self._pending:
             texts, future = self._pending[0]
@@ -131,27 +141,50 @@ class EncodeLoop:
             self._pending.popleft()
             group.append((texts, future))
             size += len(texts)
+        self._queued -= size
         return group
 
+    def _may_start(self) -> bool:
+        if not self._pending:
+            return False
+        if self._in_flight == 0:
+            return True
+        return self._in_flight < PIPELINE_DEPTH and self._queued >= self.max_batch_size
+
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while group := self._take():
-                texts = [t for chunk, _ in group for t in chunk]
-                started = time.perf_counter()
-                try:
-                    vectors = await self.encode(texts)
-                except Exception as exc:
-                    for _, future in group:
-                        future.set_exception(exc)
-                    continue
-                finally:
-                    self.on_batch(len(texts), time.perf_counter() - started)
-                start = 0
-                for chunk, future in group:
-                    future.set_result(vectors[start : start + len(chunk)])
-                    start += len(chunk)
+            while self._may_start():
+                group = self._take()
+                if self._in_flight == 0:
+                    self._busy_since = time.monotonic()
+                self._in_flight += 1
+                task = loop.create_task(self._encode_group(group))
+                self._batches.add(task)  # a strong reference until it is done
+                task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._batches.discard(task)
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self.busy_s += time.monotonic() - self._busy_since
+        self._wake.set()
+
+    async def _encode_group(self, group: list[Chunk]) -> None:
+        texts = [t for chunk, _ in group for t in chunk]
+        self.on_batch(len(texts))
+        try:
+            vectors = await self.encode(texts)
+        except Exception as exc:
+            for _, future in group:
+                future.set_exception(exc)
+            return
+        start = 0
+        for chunk, future in group:
+            future.set_result(vectors[start : start + len(chunk)])
+            start += len(chunk)
 
 
 class EmbeddingServer:
@@ -265,6 +298,7 @@ class EmbeddingServer:
             replica = ""
         return {
             **self.stats.summary(),
+            "encode_s": round(self.loop.busy_s, 3),
             "max_batch_size": self._batcher._get_max_batch_size(),
             "batch_wait_timeout_s": self._batcher._get_batch_wait_timeout_s(),
             "truncate": self.settings.truncate,

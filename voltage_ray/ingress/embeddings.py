@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, Request, Response
 
+from voltage_ray.ingress import guards
 from voltage_ray.ingress.deps import get_ingress, get_principal
 from voltage_ray.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
 
@@ -28,10 +29,17 @@ async def create_embedding(
 ) -> Response:
     ingress = get_ingress(request)
     handle = ingress.resolve(body.model, "embeddings")
+    limits = ingress.config.request_limits
+    inputs = body.inputs
+    guards.at_most(len(inputs), limits.embeddings_max_inputs, "The number of inputs")
+    longest = max(len(text) for text in inputs)
+    guards.at_most(longest, limits.embeddings_max_input_chars, "The longest input's length")
     async with ingress.metered(
         principal, endpoint=request.url.path, model=body.model, tokens=body.token_upper_bound
     ) as ticket:
-        response: EmbeddingResponse = await handle.embed.remote(body)
+        response: EmbeddingResponse = await guards.within(
+            handle.embed.remote(body), limits.embeddings_timeout_s, "Embedding"
+        )
         await ingress.settle(ticket, tokens=response.usage.total_tokens)
     # pydantic writes the JSON itself: thousands of floats are much faster there than json.dumps.
     return Response(

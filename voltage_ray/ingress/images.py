@@ -12,6 +12,7 @@ from ray import serve
 
 from voltage_ray.deployments import image_store
 from voltage_ray.errors import BadRequest, NotFound, ServiceUnavailable
+from voltage_ray.ingress import guards
 from voltage_ray.ingress.deps import get_ingress, get_principal
 from voltage_ray.protocol.images import ImageData, ImageGenerationRequest, ImageGenerationResponse
 
@@ -109,6 +110,8 @@ async def create_image(
         raise NotFound("No images model is served")
     model = body.model or default.id  # type: ignore[union-attr]
     handle = ingress.resolve(model, "images")
+    limits = ingress.config.request_limits
+    guards.at_most(len(body.prompt), limits.images_max_prompt_chars, "The prompt length")
     media = negotiate(request.headers.get("accept"))
     if media != JSON and body.n > 1:
         raise BadRequest(
@@ -120,7 +123,9 @@ async def create_image(
     async with ingress.metered(
         principal, endpoint=request.url.path, model=model, images=body.n
     ) as ticket:
-        images: list[bytes] = await handle.generate.remote(body, output)
+        images: list[bytes] = await guards.within(
+            handle.generate.remote(body, output), limits.images_timeout_s, "Image generation"
+        )
         await ingress.settle(ticket, images=len(images))
     if media != JSON:
         return Response(images[0], media_type=media, headers=ticket.headers)

@@ -12,13 +12,14 @@ from voltage_ray.protocol.common import RequestModel, ResponseModel
 ImageSize = Literal["256x256", "512x512", "1024x1024", "1792x1024", "1024x1792"]
 SIZES: tuple[str, ...] = ImageSize.__args__  # type: ignore[attr-defined]
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed accepts up to this
-MAX_PROMPT_CHARS = 4000  # OpenAI's limit for dall-e-3; CLIP reads only the first 77 tokens
 
 
 class ImageGenerationRequest(RequestModel):
     """Spec `ImageGenerationRequest`."""
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    # Its length limit is configurable: RequestLimits.images_max_prompt_chars (4000, as OpenAI's
+    # dall-e-3; CLIP reads only the first 77 tokens anyway), checked by the route.
+    prompt: str = Field(min_length=1)
     n: int = Field(default=1, ge=1, le=10)
     size: ImageSize = "1024x1024"
     response_format: Literal["url", "b64_json"] = "url"

@@ -1,0 +1,166 @@
+"""Limits on what one request may cost, and deadlines, on an app configured tightly.
+
+A second app on the session's cluster (same key store and limiter) with small request limits
+and short deadlines: over-limit requests are 4xx before any model work, a model call past its
+deadline ends with a 504 and releases its reservation, and a client that stops reading a stream
+does not hold the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.integration.conftest import ServedApp
+
+APP = "voltage-tight"
+LIMITS = {
+    "max_body_bytes": 4096,
+    "chat_max_messages": 3,
+    "chat_max_prompt_chars": 500,
+    "chat_max_total_tokens": 450,
+    "embeddings_max_inputs": 4,
+    "embeddings_max_input_chars": 100,
+    "images_max_prompt_chars": 50,
+    "chat_timeout_s": 0.3,
+    "images_timeout_s": 1.0,
+}
+MSG = [{"role": "user", "content": "Tell me a story"}]
+
+
+@pytest.fixture(scope="module")
+def tight(served: ServedApp) -> Iterator[str]:
+    from ray import serve
+
+    from voltage_ray.app import build_app
+
+    args: dict[str, Any] = {**served.args, "request_limits": LIMITS}
+    serve.run(build_app(args), name=APP, route_prefix="/tight", blocking=False)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{served.base_url}/tight/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    else:
+        raise RuntimeError("the tight app did not become healthy")
+    yield served.base_url + "/tight"
+    serve.delete(APP)
+
+
+def spec_error(r: httpx.Response, status: int) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error", "details"} and body["details"]["status"] == status
+    return body
+
+
+def chat_info() -> dict[str, Any]:
+    from ray import serve
+
+    return serve.get_deployment_handle("chat-tiny-chat", app_name=APP).info.remote().result()
+
+
+async def chat_info_async() -> dict[str, Any]:
+    from ray import serve
+
+    return await serve.get_deployment_handle("chat-tiny-chat", app_name=APP).info.remote()  # type: ignore[no-any-return]
+
+
+def usage(key: str) -> dict[str, Any]:
+    import ray
+
+    limiter = ray.get_actor("voltage_ray_limiter", namespace="voltage_ray")
+    return ray.get(limiter.usage.remote(key.split("_", 2)[1]))["limits"]  # type: ignore[no-any-return]
+
+
+def test_oversized_bodies_are_413(served: ServedApp, tight: str) -> None:
+    big = {"model": "text-embedding-ada-002", "input": "x" * 5000}
+    with httpx.Client(base_url=tight, headers=served.headers(), timeout=60) as c:
+        body = spec_error(c.post("/v1/embeddings", json=big), 413)
+        assert "4096" in body["error"]
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+            yield b'{"model": "text-embedding-ada-002", "input": "'
+            for _ in range(10):
+                yield b"y" * 1000
+            yield b'"}'
+
+        spec_error(c.post("/v1/embeddings", content=chunks(),
+                          headers={"content-type": "application/json"}), 413)
+        # Under the limit, the same route works.
+        ok = c.post("/v1/embeddings", json={"model": "text-embedding-ada-002", "input": "x"})
+        assert ok.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "what"),
+    [
+        ("/v1/chat/completions", {"model": "gpt-4", "messages": MSG * 4}, "number of messages"),
+        ("/v1/chat/completions",
+         {"model": "gpt-4", "messages": [{"role": "user", "content": "y" * 501}]}, "prompt"),
+        ("/v1/chat/completions",
+         {"model": "gpt-4", "messages": MSG, "n": 2, "max_tokens": 300}, "n x max_tokens"),
+        ("/v1/embeddings", {"model": "text-embedding-ada-002", "input": ["a"] * 5}, "inputs"),
+        ("/v1/embeddings", {"model": "text-embedding-ada-002", "input": ["z" * 101]}, "length"),
+        ("/v1/images/generations", {"prompt": "p" * 51, "size": "256x256"}, "prompt length"),
+    ],
+)
+def test_costly_requests_are_refused_before_any_model_work(
+    served: ServedApp, tight: str, path: str, body: dict[str, Any], what: str
+) -> None:
+    before = chat_info()["generations"]
+    with httpx.Client(base_url=tight, headers=served.headers(), timeout=60) as c:
+        err = spec_error(c.post(path, json=body), 400)
+    assert what in err["error"] and "limit" in err["error"], err
+    assert chat_info()["generations"] == before
+
+
+def test_a_model_call_past_its_deadline_is_504_and_releases_its_reservation(
+    served: ServedApp, tight: str
+) -> None:
+    key = served.new_key("limits_metered", "deadline")
+    headers = {"X-VoltageGPU-Key": key}
+    with httpx.Client(base_url=tight, headers=headers, timeout=120) as c:
+        r = c.post("/v1/chat/completions",
+                   json={"model": "gpt-4", "messages": MSG, "max_tokens": 400})
+        assert "deadline" in spec_error(r, 504)["error"]
+        img = c.post("/v1/images/generations",
+                     json={"prompt": "a fox", "size": "1024x1024", "num_inference_steps": 150})
+        spec_error(img, 504)
+    deadline = time.monotonic() + 10
+    while True:
+        limits = usage(key)
+        if limits["tokens"]["reserved"] == 0 and limits["images"]["reserved"] == 0:
+            break
+        assert time.monotonic() < deadline, limits
+        time.sleep(0.2)
+    assert limits["images"]["used"] == 0 and limits["tokens"]["used"] == 0
+    info = chat_info()
+    assert info["active"] == 0
+
+
+async def test_a_stream_whose_client_stops_reading_does_not_hold_the_replica(
+    served: ServedApp, tight: str
+) -> None:
+    before = (await chat_info_async())["cancelled"]
+    body = {"model": "gpt-4", "messages": MSG, "max_tokens": 400, "stream": True}
+    async with httpx.AsyncClient(base_url=tight, headers=served.headers(), timeout=60) as c:
+        async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            # Read nothing: the connection stays open while the deadline passes.
+            deadline = time.monotonic() + 15
+            info = await chat_info_async()
+            while info["cancelled"] <= before and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+                info = await chat_info_async()
+            assert info["cancelled"] > before and info["active"] == 0
+            text = (await r.aread()).decode()
+    assert '"status": 504' in text or '"status":504' in text, text[-300:]
