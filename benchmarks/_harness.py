@@ -46,8 +46,12 @@ class App:
 
 @contextlib.contextmanager
 def serve_app(
-    args: dict[str, Any], *, env: dict[str, str] | None = None, plan: str = "enterprise",
-    plans_text: str | None = None, timeout_s: float = 900,
+    args: dict[str, Any],
+    *,
+    env: dict[str, str] | None = None,
+    plan: str = "enterprise",
+    plans_text: str | None = None,
+    timeout_s: float = 900,
 ) -> Iterator[App]:
     """Run `serve run` on a config holding ``args``; yield once /health is 200.
 
@@ -68,16 +72,31 @@ def serve_app(
     config = {
         "proxy_location": "EveryNode",
         "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{"name": "voltage", "route_prefix": "/",
-                          "import_path": "voltage_ray.app:build_app", "args": args}],
+        "applications": [
+            {
+                "name": "voltage",
+                "route_prefix": "/",
+                "import_path": "voltage_ray.app:build_app",
+                "args": args,
+            }
+        ],
     }
     (tmp / "serve.yaml").write_text(yaml.safe_dump(config))
-    full_env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-                "HF_HUB_OFFLINE": "1", **(env or {})}
-    log = open(tmp / "serve.log", "w")
+    full_env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HF_HUB_OFFLINE": "1",
+        **(env or {}),
+    }
+    log = open(tmp / "serve.log", "w")  # noqa: SIM115 - closed after the process, in finally
     proc = subprocess.Popen(
         [str(BIN / "serve"), "run", "--address", "local", str(tmp / "serve.yaml")],
-        cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=REPO,
+        env=full_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -102,20 +121,34 @@ def serve_app(
         log.close()
 
 
-def wrk(url: str, headers: dict[str, str], *, connections: int, seconds: int,
-        lua: str | None = None, threads: int = 1) -> dict[str, float]:
+def wrk(
+    url: str,
+    headers: dict[str, str],
+    *,
+    connections: int,
+    seconds: int,
+    lua: str | None = None,
+    threads: int = 1,
+) -> dict[str, float]:
     """Run wrk against ``url``; requests/s and latency percentiles (ms)."""
-    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
-           "--timeout", "10s"]
+    cmd = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--latency",
+        "--timeout",
+        "10s",
+    ]
     for k, v in headers.items():
         cmd += ["-H", f"{k}: {v}"]
     script = None
     if lua:
-        script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
+        script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)  # noqa: SIM115
         script.write(lua)
         script.close()
         cmd += ["-s", script.name]
-    out = subprocess.run(cmd + [url], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
     return parse_wrk(out)
 
 
@@ -130,7 +163,9 @@ def parse_wrk(out: str) -> dict[str, float]:
         elif "Non-2xx or 3xx responses:" in line:
             result["non2xx"] = float(parts[-1])
         elif line.strip().startswith("Socket errors:"):
-            result["errors"] = float(sum(int(p.strip(",")) for p in parts if p.strip(",").isdigit()))
+            result["errors"] = float(
+                sum(int(p.strip(",")) for p in parts if p.strip(",").isdigit())
+            )
         elif "requests in" in line:
             result["requests"] = float(parts[0])
     return result

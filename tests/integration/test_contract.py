@@ -20,7 +20,9 @@ from schemathesis.checks import content_type_conformance, response_schema_confor
 
 from tests.integration.conftest import REPO, ServedApp
 
-SPEC = Path(os.environ.get("VOLTAGE_SPEC", REPO.parent / "shared" / "spec" / "voltagegpu-openapi.yaml"))
+SPEC = Path(
+    os.environ.get("VOLTAGE_SPEC", REPO.parent / "shared" / "spec" / "voltagegpu-openapi.yaml")
+)
 EXAMPLES = int(os.environ.get("VOLTAGE_CONTRACT_EXAMPLES", "40"))
 schema = schemathesis.openapi.from_path(str(SPEC))
 
@@ -53,13 +55,15 @@ def test_spec_contract(served: ServedApp, path: str) -> None:
     statuses: set[int] = set()
 
     @given(case=strategy)
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     def check(case: Any) -> None:
         if path == "/images/generations":
             case.body = cheap(case.body)
-        response = case.call(base_url=served.base_url + "/v1", headers=served.headers(),
-                             timeout=300)
+        response = case.call(
+            base_url=served.base_url + "/v1", headers=served.headers(), timeout=300
+        )
         statuses.add(response.status_code)
         assert response.status_code < 500, (case.body, response.text)
         if response.status_code >= 300:

@@ -54,8 +54,9 @@ def test_invalid_parameters_are_400(served: ServedApp, body: object) -> None:
 def test_malformed_json_and_wrong_content_are_400(served: ServedApp) -> None:
     with served.client() as c:
         for raw in (b"{not json", b"", b'{"model": "gpt-4", "messages": [}'):
-            r = c.post(CHAT, content=raw, headers={**served.headers(),
-                                                   "content-type": "application/json"})
+            r = c.post(
+                CHAT, content=raw, headers={**served.headers(), "content-type": "application/json"}
+            )
             assert_spec_error(r, 400, CHAT)
 
 
@@ -69,19 +70,24 @@ def test_unknown_model_is_404_naming_the_available_ones(served: ServedApp) -> No
 
 def test_unknown_route_and_wrong_method(served: ServedApp) -> None:
     with served.client() as c:
-        assert_spec_error(c.get("/v1/nothing-here", headers=served.headers()), 404,
-                          "/v1/nothing-here")
+        assert_spec_error(
+            c.get("/v1/nothing-here", headers=served.headers()), 404, "/v1/nothing-here"
+        )
         assert_spec_error(c.get(CHAT, headers=served.headers()), 405, CHAT)
-        assert_spec_error(c.delete("/api/voltage/v1/models", headers=served.headers()), 405,
-                          "/api/voltage/v1/models")
+        assert_spec_error(
+            c.delete("/api/voltage/v1/models", headers=served.headers()),
+            405,
+            "/api/voltage/v1/models",
+        )
 
 
 def test_missing_and_bad_keys_are_401(served: ServedApp) -> None:
     with served.client() as c:
         assert_spec_error(c.post(CHAT, json=OK_BODY), 401, CHAT)
         for key in ("nope", "vr_000000000000_wrong", served.key + "x"):
-            assert_spec_error(c.post(CHAT, json=OK_BODY, headers={"X-VoltageGPU-Key": key}),
-                              401, CHAT)
+            assert_spec_error(
+                c.post(CHAT, json=OK_BODY, headers={"X-VoltageGPU-Key": key}), 401, CHAT
+            )
         r = c.post(CHAT, json=OK_BODY, headers={"Authorization": f"Bearer {served.key}"})
         assert r.status_code == 200
         assert_spec_error(c.get("/v1/models"), 401, "/v1/models")
@@ -112,9 +118,19 @@ def test_models_and_health(served: ServedApp) -> None:
 
 def cli(served: ServedApp, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "voltage_ray.cli", "--db", str(served.db),
-         "--plans", str(served.plans), *args],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "voltage_ray.cli",
+            "--db",
+            str(served.db),
+            "--plans",
+            str(served.plans),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 

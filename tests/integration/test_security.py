@@ -7,13 +7,18 @@ import sqlite3
 import time
 from pathlib import Path
 
-import httpx
-
 from tests.integration.conftest import ServedApp
 
 CHAT = {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-PUBLIC = {"/health", "/v1/health", "/api/voltage/v1/health", "/docs", "/docs/oauth2-redirect",
-          "/redoc", "/openapi.json"}
+PUBLIC = {
+    "/health",
+    "/v1/health",
+    "/api/voltage/v1/health",
+    "/docs",
+    "/docs/oauth2-redirect",
+    "/redoc",
+    "/openapi.json",
+}
 
 
 def session_logs() -> list[Path]:
@@ -84,8 +89,13 @@ def test_image_urls_cannot_be_guessed_or_enumerated(served: ServedApp) -> None:
             assert c.get(urls[0]).status_code == 200
         assert ids[0][:8] != ids[1][:8]
         base = urls[0].rsplit("/", 1)[0]
-        for guess in (ids[0][:-1] + ("A" if ids[0][-1] != "A" else "B"), "1", "0" * 32,
-                      ids[0].upper(), "../voltage.db"):
+        for guess in (
+            ids[0][:-1] + ("A" if ids[0][-1] != "A" else "B"),
+            "1",
+            "0" * 32,
+            ids[0].upper(),
+            "../voltage.db",
+        ):
             g = c.get(f"{base}/{guess}.png")
             assert g.status_code == 404, guess
             assert g.json()["details"]["status"] == 404
@@ -99,5 +109,5 @@ def test_errors_never_echo_internals(served: ServedApp) -> None:
             r = c.post("/v1/chat/completions", json=body, headers=served.headers())
             assert r.status_code == 400
             text = r.text
-            for marker in ("Traceback", "File \"", "site-packages", "voltage_ray.", "ray."):
+            for marker in ("Traceback", 'File "', "site-packages", "voltage_ray.", "ray."):
                 assert marker not in text

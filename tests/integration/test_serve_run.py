@@ -39,14 +39,26 @@ def started(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
         "PYTHONUNBUFFERED": "1",
     }
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "voltage-ray"), "serve",
-         "--config", str(tmp / "serve_config.yaml"), "--address", "local"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            str(Path(sys.executable).parent / "voltage-ray"),
+            "serve",
+            "--config",
+            str(tmp / "serve_config.yaml"),
+            "--address",
+            "local",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
     )
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),  # type: ignore[union-attr]
-                              daemon=True)
+    reader = threading.Thread(
+        target=lambda: lines.extend(iter(proc.stdout.readline, "")),  # type: ignore[union-attr]
+        daemon=True,
+    )
     reader.start()
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -89,18 +101,25 @@ def test_serve_run_as_a_user(started) -> None:  # type: ignore[no-untyped-def]
     reply = client.chat.completions.create(
         model="gpt-4",
         messages=[{"role": "user", "content": "What is the capital of France?"}],
-        temperature=0, max_tokens=20,
+        temperature=0,
+        max_tokens=20,
     )
     assert "Paris" in reply.choices[0].message.content  # the real SmolLM2 answers
     stream = client.chat.completions.create(
-        model="gpt-4", messages=[{"role": "user", "content": "Say hello"}], max_tokens=8,
+        model="gpt-4",
+        messages=[{"role": "user", "content": "Say hello"}],
+        max_tokens=8,
         stream=True,
     )
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     emb = client.embeddings.create(model="text-embedding-ada-002", input=["hello", "world"])
     assert len(emb.data) == 2 and len(emb.data[0].embedding) == 384
-    img = client.images.generate(prompt="a fox", size="256x256", response_format="b64_json",
-                                 extra_body={"num_inference_steps": 10})
+    img = client.images.generate(
+        prompt="a fox",
+        size="256x256",
+        response_format="b64_json",
+        extra_body={"num_inference_steps": 10},
+    )
     assert img.data[0].b64_json
 
     # A stop with SIGTERM, as README says: the process and its Ray cluster go away cleanly.

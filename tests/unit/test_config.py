@@ -35,7 +35,7 @@ def test_unknown_keys_are_rejected_with_their_location() -> None:
     with pytest.raises(ConfigError) as err:
         parse_config({"models": [chat_model(colour="red")]})
     assert "models.0.colour" in str(err.value)
-    with pytest.raises(ConfigError, match="deployment.ray_actor_options.num_gpu"):
+    with pytest.raises(ConfigError, match=r"deployment\.ray_actor_options\.num_gpu"):
         parse_config({"models": [chat_model(deployment={"ray_actor_options": {"num_gpu": 1}})]})
 
 

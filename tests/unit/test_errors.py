@@ -46,10 +46,16 @@ def test_unknown_exceptions_become_a_bare_500() -> None:
 def test_validation_messages_are_readable() -> None:
     message, items = validation_message(
         [
-            {"loc": ("body", "temperature"), "msg": "Input should be less than or equal to 2",
-             "type": "less_than_equal"},
-            {"loc": ("body", "foo"), "msg": "Extra inputs are not permitted",
-             "type": "extra_forbidden"},
+            {
+                "loc": ("body", "temperature"),
+                "msg": "Input should be less than or equal to 2",
+                "type": "less_than_equal",
+            },
+            {
+                "loc": ("body", "foo"),
+                "msg": "Extra inputs are not permitted",
+                "type": "extra_forbidden",
+            },
         ]
     )
     assert message.startswith("Invalid request parameters: temperature:")

@@ -52,8 +52,9 @@ def make_app(stream: FakeStream) -> FastAPI:
     @app.get("/stream")
     async def stream_route() -> StreamingResponse:
         first = await sse.first_item(stream)
-        frames = sse.relay(first, stream, lambda s: json.dumps({"x": s}),
-                           endpoint="/stream", rid="rid-1")
+        frames = sse.relay(
+            first, stream, lambda s: json.dumps({"x": s}), endpoint="/stream", rid="rid-1"
+        )
         return StreamingResponse(frames, media_type="text/event-stream")
 
     return app
@@ -86,7 +87,7 @@ async def test_error_mid_stream_is_one_error_frame_then_close() -> None:
     r = await get(make_app(stream), "/stream")
     frames = [line for line in r.text.split("\n\n") if line]
     assert frames[:2] == ['data: {"x": "a"}', 'data: {"x": "b"}']
-    err = json.loads(frames[2][len("data: "):])
+    err = json.loads(frames[2][len("data: ") :])
     assert err == {"error": "went wrong", "details": {"status": 400, "endpoint": "/stream"}}
     assert len(frames) == 3  # no [DONE] after an error
     assert stream.cancelled
@@ -95,7 +96,7 @@ async def test_error_mid_stream_is_one_error_frame_then_close() -> None:
 async def test_unexpected_error_mid_stream_hides_internals() -> None:
     stream = FakeStream(["a"], RuntimeError("cuda OOM at 0xdeadbeef"))
     r = await get(make_app(stream), "/stream")
-    last = json.loads(r.text.strip().split("\n\n")[-1][len("data: "):])
+    last = json.loads(r.text.strip().split("\n\n")[-1][len("data: ") :])
     assert last["details"]["status"] == 500 and last["details"]["request_id"] == "rid-1"
     assert "deadbeef" not in r.text
 
@@ -126,10 +127,11 @@ class StalledStream(FakeStream):
 async def test_stream_deadline_cancels_the_model_call_and_ends_with_504() -> None:
     stream = StalledStream()
     first = await sse.first_item(stream)
-    frames = [f async for f in sse.relay(first, stream, json.dumps, endpoint="/s", rid="r",
-                                         timeout_s=0.2)]
+    frames = [
+        f async for f in sse.relay(first, stream, json.dumps, endpoint="/s", rid="r", timeout_s=0.2)
+    ]
     assert stream.cancelled
-    err = json.loads(frames[-1][len("data: "):])
+    err = json.loads(frames[-1][len("data: ") :])
     assert err["details"]["status"] == 504 and "deadline" in err["error"]
 
 
