@@ -111,7 +111,7 @@ class EncodeLoop:
         self.encode = encode
         self.max_batch_size = max_batch_size
         self.on_batch = on_batch
-        self.busy_s = 0.0  # wall time with a batch in flight
+        self._busy_s = 0.0
         self._pending: deque[Chunk] = deque()
         self._queued = 0  # inputs in _pending
         self._in_flight = 0
@@ -130,6 +130,12 @@ class EncodeLoop:
             self._task = loop.create_task(self._run())
         self._wake.set()
         return future
+
+    @property
+    def busy_s(self) -> float:
+        """Wall time with a batch in flight (the model working, or its result on the way)."""
+        running = time.monotonic() - self._busy_since if self._in_flight else 0.0
+        return self._busy_s + running
 
     def _take(self) -> list[Chunk]:
         group: list[Chunk] = []
@@ -169,7 +175,7 @@ class EncodeLoop:
         self._batches.discard(task)
         self._in_flight -= 1
         if self._in_flight == 0:
-            self.busy_s += time.monotonic() - self._busy_since
+            self._busy_s += time.monotonic() - self._busy_since
         self._wake.set()
 
     async def _encode_group(self, group: list[Chunk]) -> None:
