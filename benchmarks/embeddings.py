@@ -4,9 +4,11 @@
 
 One run measures, with the same number of torch threads on both sides:
 
-- in process (Ray not running): ``SentenceTransformer.encode(chunk, batch_size=32)`` on
-  consecutive chunks of 32 short sentences, in inputs/s, as the denominator; one bulk call on
-  all 512 sentences (which sorts them by length, so batches pad less) is printed for reference;
+- in process (Ray not running), before and after the served runs:
+  ``SentenceTransformer.encode(chunk, batch_size=32)`` on consecutive chunks of 32 short
+  sentences, in inputs/s; the mean of the two is the denominator (this VM's speed drifts). One
+  bulk call on all 512 sentences (which sorts them by length, so batches pad less: no request
+  stream allows that) is printed for reference;
 - served: a voltage_ray app (Ingress + one embeddings deployment) in its own local Ray cluster
   (``ray.init(address="local")``) on a free port, loaded through HTTP by ``wrk`` (compiled C, one
   thread, a Lua script that cycles request bodies) with (a) 64 connections each sending one
@@ -302,16 +304,18 @@ def wrk_load(
     texts: list[str] | None = None,
     model: str = MODEL_NAME,
     path: str = "/v1/embeddings",
+    extra: dict[str, Any] | None = None,
 ) -> Load:
     """Closed-loop load: ``clients`` connections, each sending requests of
-    ``inputs_per_request`` texts back to back for ``seconds``. Needs ``wrk`` on PATH."""
+    ``inputs_per_request`` texts (plus the ``extra`` body fields, e.g. ``encoding_format``) back
+    to back for ``seconds``. Needs ``wrk`` on PATH."""
     texts = texts or short_texts()
     bodies = []
     for i in range(256):
         first = i * inputs_per_request
         chunk = [texts[(first + j) % len(texts)] for j in range(inputs_per_request)]
         body = {"model": model, "input": chunk[0] if inputs_per_request == 1 else chunk}
-        bodies.append(_lua_string(json.dumps(body)))
+        bodies.append(_lua_string(json.dumps({**body, **(extra or {})})))
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(LUA % {"bodies": ",\n".join(bodies), "key": key})
     cmd = [
@@ -415,6 +419,42 @@ class CpuMeter:
 SCENARIOS = {"a": (64, 1, 0.75), "b": (4, BATCH_SIZE, 0.9)}  # clients, inputs/request, aim
 
 
+def _scenario(
+    app: ServedApp, texts: list[str], clients: int, per_request: int, seconds: float, replicas: int
+) -> dict[str, Any]:
+    """One measured load (after a 3 s warm-up): wrk's figures, the encode batches, CPU use."""
+    wrk_load(app.base_url, app.key, clients=clients, inputs_per_request=per_request,
+             seconds=3, texts=texts)  # fmt: skip
+    before = app.batch_stats(replicas)
+    with CpuMeter() as cpu:
+        load = wrk_load(
+            app.base_url, app.key, clients=clients, inputs_per_request=per_request,
+            seconds=seconds, texts=texts,
+        )  # fmt: skip
+    row: dict[str, Any] = asdict(load)
+    row.update(served_cores=round(cpu.mine, 2), others_cores=round(cpu.others, 2))
+    row.update(_batch_delta(before, app.batch_stats(replicas), seconds * replicas))
+    print(
+        f"{clients} clients x {per_request} input(s): {load.inputs_per_s:.0f} inputs/s, "
+        f"p50 {load.p50_ms:.0f} ms, p99 {load.p99_ms:.0f} ms, failed {load.failed}; "
+        f"mean encode batch {row['mean_batch_size']}, model busy {row['encoder_busy']:.0%} "
+        f"at {row['encoder_inputs_per_busy_s']:.0f} inputs/s; wrk used "
+        f"{load.wrk_cpu_s / seconds:.1%} of a core; the app {cpu.mine:.2f} cores, other "
+        f"processes {cpu.others:.2f}",
+        flush=True,
+    )
+    return row
+
+
+def _baseline(texts: list[str], threads: int, seconds: float, when: str) -> float:
+    with CpuMeter() as cpu:
+        rate = in_process(texts, threads=threads, seconds=seconds)
+    print(f"in-process {when}: model.encode(32 texts, batch_size=32), {threads} thread(s): "
+          f"{rate:.0f} inputs/s (other processes used {cpu.others:.2f} cores)",
+          flush=True)  # fmt: skip
+    return rate
+
+
 def run(
     *,
     seconds: float,
@@ -423,62 +463,45 @@ def run(
     batch_wait_s: float | None,
     env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """The whole comparison; ratios use the mean of the in-process rates before and after."""
     texts = short_texts()
     total_threads = threads * replicas
-    with CpuMeter() as cpu:
-        baseline = in_process(texts, threads=total_threads, seconds=min(seconds, 15))
-    sorted_all = in_process(texts, threads=total_threads, seconds=min(seconds, 15), sort_all=True)
-    print(f"in-process model.encode(32 texts, batch_size=32), {total_threads} thread(s): "
-          f"{baseline:.0f} inputs/s (other processes used {cpu.others:.2f} cores); "
-          f"one call on all {len(texts)} texts, sorted by length: {sorted_all:.0f} inputs/s",
-          flush=True)  # fmt: skip
-    results: dict[str, Any] = {
-        "in_process_inputs_per_s": round(baseline, 1),
-        "in_process_others_cores": round(cpu.others, 2),
-        "in_process_sorted_all_inputs_per_s": round(sorted_all, 1),
-        "scenarios": {},
-    }
-    args = app_args(threads=threads, replicas=replicas, batch_wait_s=batch_wait_s)
-    with serve_app(args, env=env) as app:
+    measure_s = min(seconds, 15)
+    before = _baseline(texts, total_threads, measure_s, "before")
+    bulk = in_process(texts, threads=total_threads, seconds=measure_s, sort_all=True)
+    print(f"  (one call on all {len(texts)} texts, sorted by length: {bulk:.0f} inputs/s)")
+    results: dict[str, Any] = {"scenarios": {}}
+    with serve_app(app_args(threads=threads, replicas=replicas, batch_wait_s=batch_wait_s),
+                   env=env) as app:  # fmt: skip
         settings = app.batch_stats(replicas)
         results["settings"] = {
-            "torch_threads_per_replica": threads,
+            "torch_threads_per_replica": settings["torch_threads"],
             "replicas": replicas,
             "max_batch_size": settings["max_batch_size"],
             "batch_wait_timeout_s": settings["batch_wait_timeout_s"],
+            "env": env or {},
         }
-        for name, (clients, per_request, aim) in SCENARIOS.items():
-            wrk_load(app.base_url, app.key, clients=clients, inputs_per_request=per_request,
-                     seconds=3, texts=texts)  # warm up  # fmt: skip
-            before = app.batch_stats(replicas)
-            with CpuMeter() as cpu:
-                load = wrk_load(
-                    app.base_url, app.key, clients=clients, inputs_per_request=per_request,
-                    seconds=seconds, texts=texts,
-                )  # fmt: skip
-            ratio = load.inputs_per_s / baseline
-            row = {**asdict(load), "ratio": round(ratio, 3), "aim": aim}
-            row["ratio_vs_sorted_all"] = round(load.inputs_per_s / sorted_all, 3)
-            row.update(served_cores=round(cpu.mine, 2), others_cores=round(cpu.others, 2))
-            row.update(_batch_delta(before, app.batch_stats(replicas), seconds * replicas))
-            results["scenarios"][name] = row
-            print(
-                f"({name}) {clients} clients x {per_request} input(s): "
-                f"{load.inputs_per_s:.0f} inputs/s = {ratio:.2f} of in-process (aim >= {aim}; "
-                f"{row['ratio_vs_sorted_all']:.2f} of the sorted bulk call); "
-                f"p50 {load.p50_ms:.0f} ms, p99 {load.p99_ms:.0f} ms; failed {load.failed}; "
-                f"mean encode batch {row['mean_batch_size']}, model busy "
-                f"{row['encoder_busy']:.0%} at {row['encoder_inputs_per_busy_s']:.0f} inputs/s; "
-                f"wrk CPU {load.wrk_cpu_s / seconds:.1%} of one core; "
-                f"this run used {cpu.mine:.2f} cores, other processes {cpu.others:.2f}",
-                flush=True,
+        for name, (clients, per_request, _) in SCENARIOS.items():
+            results["scenarios"][name] = _scenario(
+                app, texts, clients, per_request, seconds, replicas
             )
-    with CpuMeter() as cpu:
-        after = in_process(texts, threads=total_threads, seconds=min(seconds, 15))
-    results["in_process_after_inputs_per_s"] = round(after, 1)
-    print(f"in-process again after the served runs: {after:.0f} inputs/s (other processes "
-          f"used {cpu.others:.2f} cores; a large change means a disturbed run)",
-          flush=True)  # fmt: skip
+    after = _baseline(texts, total_threads, measure_s, "after")
+    baseline = (before + after) / 2
+    results["in_process"] = {
+        "before": round(before, 1),
+        "after": round(after, 1),
+        "sorted_bulk_call": round(bulk, 1),
+    }
+    for name, (clients, per_request, aim) in SCENARIOS.items():
+        row = results["scenarios"][name]
+        row["ratio"] = round(row["inputs_per_s"] / baseline, 3)
+        row["ratio_vs_sorted_bulk_call"] = round(row["inputs_per_s"] / bulk, 3)
+        print(
+            f"({name}) {clients} clients x {per_request} input(s): {row['ratio']:.2f} of "
+            f"in-process (aim >= {aim}), p99 {row['p99_ms']:.0f} ms; "
+            f"{row['ratio_vs_sorted_bulk_call']:.2f} of the sorted bulk call",
+            flush=True,
+        )
     return results
 
 
@@ -501,7 +524,6 @@ def main() -> None:
         batch_wait_s=a.batch_wait,
         env=env,
     )
-    results["env"] = env
     print(json.dumps(results, indent=2))
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))

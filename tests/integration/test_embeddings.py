@@ -138,7 +138,7 @@ def test_dimensions_truncate_and_renormalize(client: httpx.Client) -> None:
     np.testing.assert_allclose(same, full, atol=1e-6)
 
 
-BAD_BODIES = {
+BAD_BODIES: dict[str, dict[str, Any]] = {
     "empty string": {"input": ""},
     "empty string item": {"input": ["fine", ""]},
     "empty array": {"input": []},
@@ -180,6 +180,12 @@ def test_malformed_json_is_400(client: httpx.Client) -> None:
     assert r.status_code == 400 and r.json()["details"]["status"] == 400
 
 
+def test_lone_surrogate_is_400(client: httpx.Client) -> None:
+    body = b'{"model": "text-embedding-ada-002", "input": ["ok", "a\\ud800b"]}'
+    r = client.post("/v1/embeddings", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid Unicode" in r.json()["error"]
+
+
 def test_over_long_message_names_the_limit(client: httpx.Client) -> None:
     r = client.post("/v1/embeddings", json={"model": ALIAS, "input": ["ok", "word " * 300]})
     assert r.status_code == 400
@@ -205,7 +211,7 @@ def test_handle_from_python(handle: Any) -> None:
         EmbeddingRequest(model=ALIAS, input=["from", "python"], dimensions=32)
     ).result()
     assert isinstance(response, EmbeddingResponse)
-    assert [len(d.embedding) for d in response.data] == [32, 32]  # type: ignore[arg-type]
+    assert [len(d.embedding) for d in response.data] == [32, 32]
     from_dict = handle.embed.remote({"model": ALIAS, "input": "from"}).result()
     assert from_dict.model == MODEL and len(from_dict.data[0].embedding) == WIDTH
     info = handle.info.remote().result()

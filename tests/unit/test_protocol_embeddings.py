@@ -38,6 +38,7 @@ def test_defaults_and_inputs() -> None:
         ({"input": [["a"]]}, "must be a string, got list"),
         ({"input": 3}, "a string or an array of strings"),
         ({"input": None}, "a string or an array of strings"),
+        ({"input": ["ok", "a\ud800b"]}, "input[1] is not valid Unicode"),
         ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
         ({"input": "x", "dimensions": 0}, "dimensions"),
         ({"input": "x", "temperature": 1}, "temperature"),

@@ -4,8 +4,8 @@ Every input of every request is one item of a single ``@serve.batch`` queue, so 
 inputs is spread over batches (and put back in order), and concurrent requests share batches.
 Ray's batcher closes a batch after its wait even while the model is still busy with the previous
 one; under load that leaves many small batches queued behind the model. So the batched method only
-hands its batch to an :class:`EncodeLoop` and returns at once; the loop runs one encode at a time
-(in the replica's encoder process, off the event loop and its interpreter lock) and merges the
+hands its batch to an :class:`EncodeLoop` and returns at once; the loop runs the encodes in order
+in the replica's encoder process (off the event loop and its interpreter lock) and merges the
 batches that waited meanwhile, up to ``max_batch_size`` inputs. At low load the latency is the batch
 wait; under load batches fill up while the model works.
 
@@ -36,7 +36,9 @@ from voltage_ray.backends.sources import materialize
 from voltage_ray.config import EmbeddingSettings, ModelConfig
 from voltage_ray.protocol.embeddings import EmbeddingRequest, EmbeddingResponse, build_response
 
-logger = logging.getLogger(__name__)
+# Serve routes its own logger to the replica log (with the replica id); a module logger would
+# stay silent at INFO.
+logger = logging.getLogger("ray.serve")
 
 _DEFAULTS = EmbeddingSettings()
 # Requests with more text than this are tokenized (counted) off the event loop; smaller ones
@@ -239,7 +241,7 @@ class EmbeddingServer:
         self._batcher.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self.loop.max_batch_size = settings.max_batch_size
         self.limits.truncate = settings.truncate
-        if settings.torch_threads:
+        if settings.torch_threads:  # None keeps the current count
             self.encoder.set_threads(settings.torch_threads)
 
     @property

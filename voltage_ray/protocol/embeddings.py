@@ -46,6 +46,11 @@ class EmbeddingRequest(RequestModel):
                 raise ValueError(f"{where} must be a string, got {type(item).__name__}")
             if not item:
                 raise ValueError(f"{where} must not be empty")
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:  # JSON allows a lone surrogate escape; UTF-8 not
+                    raise ValueError(f"{where} is not valid Unicode") from None
         return v
 
     @property
