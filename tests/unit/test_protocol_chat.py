@@ -32,6 +32,8 @@ def test_defaults_follow_the_spec() -> None:
         {"messages": []},
         {"messages": [{"role": "tool", "content": "x"}]},
         {"messages": [{"role": "user"}]},
+        {"messages": [{"role": "user", "content": "a\ud800b"}]},
+        {"stop": ["ok", "\udfff"]},
     ],
 )
 def test_out_of_contract_values_are_rejected(field: dict[str, object]) -> None:

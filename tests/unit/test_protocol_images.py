@@ -45,6 +45,7 @@ def test_bounds_are_inclusive(fields: dict[str, Any]) -> None:
     "fields",
     [
         {"prompt": ""},
+        {"prompt": "a\ud800b"},
         {"n": 0},
         {"n": 11},
         {"n": 2.5},

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from voltage_ray.protocol.common import RequestModel, ResponseModel, Usage
+from voltage_ray.protocol.common import RequestModel, ResponseModel, Usage, require_unicode
 
 MAX_STOP_SEQUENCES = 4
 
@@ -27,6 +27,14 @@ class ChatMessage(RequestModel):
     # Extension (OpenAI): content may also be a list of text parts.
     content: str | list[TextPart]
     name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _unicode(cls, v: str | list[TextPart]) -> str | list[TextPart]:
+        texts = [v] if isinstance(v, str) else [part.text for part in v]
+        for text in texts:
+            require_unicode(text, "content")
+        return v
 
     @property
     def text(self) -> str:
@@ -68,6 +76,8 @@ class ChatCompletionRequest(RequestModel):
             raise ValueError(f"stop may hold at most {MAX_STOP_SEQUENCES} sequences")
         if any(s == "" for s in items):
             raise ValueError("stop sequences must not be empty")
+        for item in items:
+            require_unicode(item, "stop")
         return v
 
     @model_validator(mode="after")

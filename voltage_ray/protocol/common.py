@@ -8,6 +8,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+def require_unicode(text: str, what: str) -> None:
+    """JSON may carry lone surrogates (\\ud800) that no tokenizer can encode: a ValueError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid Unicode (it holds a lone surrogate)") from None
+
+
 class RequestModel(BaseModel):
     """Base for request bodies: unknown fields are a 400, as OpenAI answers them."""
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from voltage_ray.protocol.common import RequestModel, ResponseModel
+from voltage_ray.protocol.common import RequestModel, ResponseModel, require_unicode
 
 ImageSize = Literal["256x256", "512x512", "1024x1024", "1792x1024", "1024x1792"]
 SIZES: tuple[str, ...] = ImageSize.__args__  # type: ignore[attr-defined]
@@ -30,6 +30,12 @@ class ImageGenerationRequest(RequestModel):
     # Extensions where the spec is silent: image i of a seeded request uses seed + i.
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     user: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str) -> str:
+        require_unicode(v, "prompt")
+        return v
 
     @property
     def width(self) -> int:
