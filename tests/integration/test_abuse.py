@@ -31,6 +31,9 @@ LIMITS = {
     "images_timeout_s": 1.0,
 }
 MSG = [{"role": "user", "content": "Tell me a story"}]
+# Greedy on the tiny random model repeats one token and never reaches its end-of-sequence token:
+# 400 tokens, far longer than the tight app's 0.3 s chat deadline.
+LONG = {"model": "gpt-4", "messages": MSG, "max_tokens": 400, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
@@ -139,9 +142,7 @@ def test_a_model_call_past_its_deadline_is_504_and_releases_its_reservation(
     key = served.new_key("limits_metered", "deadline")
     headers = {"X-VoltageGPU-Key": key}
     with httpx.Client(base_url=tight, headers=headers, timeout=120) as c:
-        r = c.post(
-            "/v1/chat/completions", json={"model": "gpt-4", "messages": MSG, "max_tokens": 400}
-        )
+        r = c.post("/v1/chat/completions", json=LONG)
         assert "deadline" in spec_error(r, 504)["error"]
         img = c.post(
             "/v1/images/generations",
@@ -164,7 +165,7 @@ async def test_a_stream_whose_client_stops_reading_does_not_hold_the_replica(
     served: ServedApp, tight: str
 ) -> None:
     before = (await chat_info_async())["cancelled"]
-    body = {"model": "gpt-4", "messages": MSG, "max_tokens": 400, "stream": True}
+    body = {**LONG, "stream": True}
     client = httpx.AsyncClient(base_url=tight, headers=served.headers(), timeout=60)
     async with client as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
