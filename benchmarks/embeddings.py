@@ -36,7 +36,6 @@ import os
 import random
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -121,12 +120,6 @@ def in_process(
 
 
 # --- the served app -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def app_args(
@@ -219,6 +212,7 @@ def serve_app(
     import ray
     from ray import serve
 
+    from benchmarks._harness import free_port
     from voltage_ray.app import build_app
     from voltage_ray.limits.keys import KeyStore
 

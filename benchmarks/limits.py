@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,8 @@ import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.embeddings import MODEL_NAME, app_args, free_port, wrk_load
+from benchmarks._harness import free_port, stop
+from benchmarks.embeddings import MODEL_NAME, app_args, wrk_load
 
 PLANS = """\
 plans:
@@ -189,12 +189,7 @@ def two_apps(tmp: Path) -> Iterator[tuple[str, str]]:
                 time.sleep(1)
             yield base, key
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop(proc)
 
 
 def _healthy(url: str) -> bool:
