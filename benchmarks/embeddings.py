@@ -1,6 +1,7 @@
 """Served embeddings throughput against in-process ``model.encode`` at batch size 32.
 
-    flock /tmp/voltage_bench.lock .venv/bin/python benchmarks/embeddings.py [--seconds 20]
+    flock /tmp/voltage_bench.lock .venv/bin/python benchmarks/embeddings.py [--seconds 20] \
+        [--proxy haproxy|default] [--set ingress_calls_in_flight=1 --set ingress_call_wait_s=0.003]
 
 One run measures, with the same number of torch threads on both sides:
 
@@ -10,9 +11,11 @@ One run measures, with the same number of torch threads on both sides:
   bulk call on all 512 sentences (which sorts them by length, so batches pad less: no request
   stream allows that) is printed for reference;
 - served: a voltage_ray app (Ingress + one embeddings deployment) in its own local Ray cluster
-  (``ray.init(address="local")``) on a free port, loaded through HTTP by ``wrk`` (compiled C, one
-  thread, a Lua script that cycles request bodies) with (a) 64 connections each sending one
-  short input per request and (b) 4 connections each sending 32 inputs per request;
+  (``ray.init(address="local")``) on a free port, behind HAProxy with throughput-optimized Serve
+  as ``voltage-ray serve`` runs it (``--proxy default``: Ray's default proxy), loaded through
+  HTTP by ``wrk`` (compiled C, one thread, a Lua script that cycles request bodies) with (a) 64
+  connections each sending one short input per request and (b) 4 connections each sending 32
+  inputs per request;
 
 and prints served/in-process ratios, latency percentiles, the realized encode batch sizes, how
 busy the model was, the CPU wrk itself used and the CPU other processes on the machine used
@@ -128,13 +131,14 @@ def app_args(
     replicas: int = 1,
     max_batch_size: int = BATCH_SIZE,
     batch_wait_s: float | None = None,
+    embeddings: dict[str, Any] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """``build_app`` args: the MiniLM embeddings model and the Ingress, sized for this box.
 
-    ``batch_wait_s`` None keeps the EmbeddingSettings default; ``extra`` adds top-level args
-    (e.g. ``limits``)."""
-    embeddings: dict[str, Any] = {"max_batch_size": max_batch_size, "torch_threads": threads}
+    ``batch_wait_s`` None keeps the EmbeddingSettings default; ``embeddings`` adds settings of
+    the model; ``extra`` adds top-level args (e.g. ``limits``)."""
+    embeddings = {"max_batch_size": max_batch_size, "torch_threads": threads, **(embeddings or {})}
     if batch_wait_s is not None:
         embeddings["batch_wait_timeout_s"] = batch_wait_s
     return {
@@ -168,6 +172,7 @@ def app_args(
 class ServedApp:
     base_url: str
     key: str
+    database: str = ""  # the key store, to redeploy the app with other args
     # Handle calls run on this loop (a thread of its own): with RAY_SERVE_THROUGHPUT_OPTIMIZED a
     # handle's router lives on the event loop it was first used from.
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
@@ -197,7 +202,7 @@ class ServedApp:
         if len(seen) < replicas:
             raise RuntimeError(f"only {len(seen)} of {replicas} replicas answered")
         total = dict(next(iter(seen.values())))
-        for key in ("batches", "inputs", "encode_s"):
+        for key in ("batches", "inputs", "encode_s", "shared_calls", "shared_requests"):
             total[key] = sum(stats[key] for stats in seen.values())
         return total
 
@@ -232,7 +237,7 @@ def serve_app(
             if time.monotonic() > deadline:
                 raise RuntimeError("the app did not become healthy in 600 s")
             time.sleep(0.5)
-        yield ServedApp(base, key)
+        yield ServedApp(base, key, args["database"])
     finally:
         with contextlib.suppress(Exception):
             serve.shutdown()
@@ -367,7 +372,10 @@ def _batch_delta(before: dict[str, Any], after: dict[str, Any], seconds: float) 
     batches = after["batches"] - before["batches"]
     inputs = after["inputs"] - before["inputs"]
     busy = after["encode_s"] - before["encode_s"]
+    calls = after["shared_calls"] - before["shared_calls"]
+    requests = after["shared_requests"] - before["shared_requests"]
     return {
+        "requests_per_handle_call": round(requests / max(calls, 1), 1),
         "encode_batches": batches,
         "mean_batch_size": round(inputs / max(batches, 1), 1),
         "encoder_busy": round(busy / seconds, 3),
@@ -431,6 +439,7 @@ def _scenario(
     print(
         f"{clients} clients x {per_request} input(s): {load.inputs_per_s:.0f} inputs/s, "
         f"p50 {load.p50_ms:.0f} ms, p99 {load.p99_ms:.0f} ms, failed {load.failed}; "
+        f"{row['requests_per_handle_call']} requests per handle call, "
         f"mean encode batch {row['mean_batch_size']}, model busy {row['encoder_busy']:.0%} "
         f"at {row['encoder_inputs_per_busy_s']:.0f} inputs/s; wrk used "
         f"{load.wrk_cpu_s / seconds:.1%} of a core; the app {cpu.mine:.2f} cores, other "
@@ -456,6 +465,7 @@ def run(
     replicas: int,
     batch_wait_s: float | None,
     env: dict[str, str] | None = None,
+    embeddings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The whole comparison; ratios use the mean of the in-process rates before and after."""
     texts = short_texts()
@@ -465,14 +475,18 @@ def run(
     bulk = in_process(texts, threads=total_threads, seconds=measure_s, sort_all=True)
     print(f"  (one call on all {len(texts)} texts, sorted by length: {bulk:.0f} inputs/s)")
     results: dict[str, Any] = {"scenarios": {}}
-    with serve_app(app_args(threads=threads, replicas=replicas, batch_wait_s=batch_wait_s),
-                   env=env) as app:  # fmt: skip
+    args = app_args(
+        threads=threads, replicas=replicas, batch_wait_s=batch_wait_s, embeddings=embeddings
+    )
+    print(f"served with {env or 'Ray Serve defaults'}", flush=True)
+    with serve_app(args, env=env) as app:
         settings = app.batch_stats(replicas)
         results["settings"] = {
             "torch_threads_per_replica": settings["torch_threads"],
             "replicas": replicas,
             "max_batch_size": settings["max_batch_size"],
             "batch_wait_timeout_s": settings["batch_wait_timeout_s"],
+            "embeddings_settings_set": embeddings or {},
             "env": env or {},
         }
         for name, (clients, per_request, _) in SCENARIOS.items():
@@ -505,18 +519,31 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per replica")
     p.add_argument("--replicas", type=int, default=1, help="embeddings replicas")
     p.add_argument("--batch-wait", type=float, default=None, help="batch_wait_timeout_s")
+    p.add_argument(
+        "--proxy",
+        choices=["haproxy", "default"],
+        default="haproxy",
+        help="haproxy: HAProxy + throughput-optimized Serve, as `voltage-ray serve` runs it; "
+        "default: Ray Serve's default HTTP proxy",
+    )
     p.add_argument("--env", action="append", default=[], help="KEY=VALUE for the Ray cluster")
+    p.add_argument(
+        "--set", action="append", default=[], help="KEY=JSON: an embeddings setting of the model"
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     a = p.parse_args()
+    from benchmarks._harness import HA_PROXY_ENV
+
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install -y wrk")
-    env = dict(item.split("=", 1) for item in a.env)
+    env = {**(HA_PROXY_ENV if a.proxy == "haproxy" else {}), **dict(x.split("=", 1) for x in a.env)}
     results = run(
         seconds=a.seconds,
         threads=a.threads,
         replicas=a.replicas,
         batch_wait_s=a.batch_wait,
         env=env,
+        embeddings={k: json.loads(v) for k, v in (item.split("=", 1) for item in a.set)},
     )
     print(json.dumps(results, indent=2))
     if a.json:

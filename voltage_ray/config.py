@@ -155,6 +155,18 @@ class EmbeddingSettings(_Strict):
         default=False, description="Truncate over-long inputs instead of answering 400."
     )
     torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads.")
+    ingress_calls_in_flight: int = Field(
+        default=1,
+        ge=1,
+        description="Per ingress replica: handle calls to this model sent at once, each request "
+        "alone; past that, requests share calls (read by the ingress at start).",
+    )
+    ingress_call_wait_s: float = Field(
+        default=0.003,
+        ge=0,
+        description="Past ingress_calls_in_flight, how long a request waits for others to share "
+        "its call (read by the ingress at start).",
+    )
 
 
 class ImageSettings(_Strict):

@@ -250,6 +250,33 @@ async def test_concurrent_requests_are_merged_into_batches(
     np.testing.assert_allclose(responses[43].json()["data"][0]["embedding"], alone, atol=1e-5)
 
 
+async def test_concurrent_requests_share_handle_calls_and_fail_alone(
+    served: ServedApp, handle: Any, client: httpx.Client
+) -> None:
+    """The ingress sends concurrent requests in shared calls; a bad one fails only itself."""
+    too_long = "word " * 300
+    bodies = [
+        {"model": ALIAS, "input": too_long if i % 10 == 7 else TEXTS[i % len(TEXTS)]}
+        for i in range(80)
+    ]
+    before = await handle.batch_stats.remote()
+    responses = await _concurrent(served, bodies)
+    after = await handle.batch_stats.remote()
+    calls = after["shared_calls"] - before["shared_calls"]
+    requests = after["shared_requests"] - before["shared_requests"]
+    assert requests == len(bodies)
+    assert calls < requests, (calls, requests)  # calls carried several requests
+    for i, r in enumerate(responses):
+        if i % 10 == 7:
+            assert r.status_code == 400, r.text
+            assert r.json()["details"]["status"] == 400
+            assert "254" in r.json()["error"]
+        else:
+            assert r.status_code == 200, r.text
+    alone = vectors(embed(client, TEXTS[5]))[0]
+    np.testing.assert_allclose(responses[5].json()["data"][0]["embedding"], alone, atol=1e-5)
+
+
 async def test_requests_with_many_inputs_share_batches_in_order(
     served: ServedApp, handle: Any
 ) -> None:

@@ -64,10 +64,12 @@ class ChatServer:
             raise RuntimeError("generation executor is shut down")
 
     async def info(self) -> dict[str, Any]:
-        """The model's id, context length and generation counters."""
+        """The model's id, context length, where its weights live and generation counters."""
         return {
             "id": self.config.id,
             "context_length": self.engine.context_length,
+            "device": str(self.engine.model.device),
+            "dtype": str(self.engine.model.dtype).removeprefix("torch."),
             **self._stats,
         }
 

@@ -34,6 +34,7 @@ from ray.util import metrics
 from voltage_ray.backends.embeddings import EncoderProcess, fit_dimensions
 from voltage_ray.backends.sources import materialize
 from voltage_ray.config import EmbeddingSettings, ModelConfig
+from voltage_ray.errors import InternalError, VoltageError
 from voltage_ray.protocol.embeddings import EmbeddingRequest, EmbeddingResponse, build_response
 
 # Serve routes its own logger to the replica log (with the replica id); a module logger would
@@ -208,6 +209,7 @@ class EmbeddingServer:
         self.encoder = EncoderProcess(location, self.settings)
         self.limits = self.encoder.limits
         self.stats = BatchStats(self.config.id)
+        self.shared_calls = self.shared_requests = 0  # embed_many calls, and their requests
         self.loop = EncodeLoop(self._encode, self.settings.max_batch_size, self.stats.record)
         self._apply(self.settings)
         logger.info(
@@ -298,6 +300,24 @@ class EmbeddingServer:
             encoding_format=req.encoding_format,
         )
 
+    async def embed_many(
+        self, requests: list[EmbeddingRequest | dict[str, Any]]
+    ) -> list[EmbeddingResponse | VoltageError]:
+        """:meth:`embed` for the requests of one shared ingress call (see ``ingress.coalesce``):
+        per request its response or its error, so that one bad request fails alone."""
+        self.shared_calls += 1
+        self.shared_requests += len(requests)
+        results = await asyncio.gather(*(self.embed(r) for r in requests), return_exceptions=True)
+        out: list[EmbeddingResponse | VoltageError] = []
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, VoltageError):
+                if not isinstance(result, Exception):  # cancellation: the whole call goes
+                    raise result
+                logger.error("embedding request failed", exc_info=result)
+                result = InternalError()
+            out.append(result)
+        return out
+
     async def batch_stats(self) -> dict[str, Any]:
         """Realized encode batch sizes and the batching settings in force on this replica."""
         try:
@@ -307,6 +327,8 @@ class EmbeddingServer:
         return {
             **self.stats.summary(),
             "encode_s": round(self.loop.busy_s, 3),
+            "shared_calls": self.shared_calls,
+            "shared_requests": self.shared_requests,
             "max_batch_size": self._batcher._get_max_batch_size(),
             "batch_wait_timeout_s": self._batcher._get_batch_wait_timeout_s(),
             "truncate": self.settings.truncate,

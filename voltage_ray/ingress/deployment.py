@@ -13,10 +13,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from ray import serve
 
-from voltage_ray.config import AppConfig, ModelConfig, ModelKind
+from voltage_ray.config import AppConfig, EmbeddingSettings, ModelConfig, ModelKind
 from voltage_ray.errors import NotFound, Unauthorized
 from voltage_ray.ingress.api import create_api
 from voltage_ray.ingress.auth import presented_key
+from voltage_ray.ingress.coalesce import Coalescer
 from voltage_ray.limits.client import LimiterClient, get_or_create_limiter
 from voltage_ray.limits.limiter import Grant, Principal
 
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 READY_STATES = frozenset({"HEALTHY", "UPSCALING", "DOWNSCALING"})
 STATUS_CACHE_S = 1.0
+INPUTS_PER_SHARED_CALL = 256  # embeddings inputs one shared call carries at most
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Ingress:
         )
         await self.limiter.call("configure", *limiter_args, timeout_s=60)
         self._status_cache: tuple[float, dict[str, bool]] | None = None
+        self._coalescers: dict[str, Coalescer] = {}
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self)
@@ -136,6 +139,21 @@ class Ingress:
                 details={"available_models": available},
             )
         return self.handles[model.id]
+
+    def embedder(self, name: str) -> Coalescer:
+        """The shared calls to the embeddings model called ``name`` (id or alias), else 404."""
+        handle = self.resolve(name, "embeddings")
+        model = self.by_name[name]
+        coalescer = self._coalescers.get(model.id)
+        if coalescer is None:
+            settings = model.embeddings or EmbeddingSettings()
+            coalescer = self._coalescers[model.id] = Coalescer(
+                handle.embed_many.remote,
+                max_in_flight=settings.ingress_calls_in_flight,
+                max_wait_s=settings.ingress_call_wait_s,
+                max_weight=INPUTS_PER_SHARED_CALL,
+            )
+        return coalescer
 
     def default_model(self, kind: ModelKind) -> ModelConfig | None:
         return next((m for m in self.config.models if m.kind == kind), None)

@@ -1,4 +1,6 @@
-"""`POST /embeddings`: resolve the caller and model, call the EmbeddingServer, return JSON."""
+"""`POST /embeddings`: resolve the caller and model, call the EmbeddingServer, return JSON.
+
+Concurrent requests for one model share handle calls (:mod:`voltage_ray.ingress.coalesce`)."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ async def create_embedding(
     principal: Principal = Depends(get_principal),
 ) -> Response:
     ingress = get_ingress(request)
-    handle = ingress.resolve(body.model, "embeddings")
+    embedder = ingress.embedder(body.model)
     limits = ingress.config.request_limits
     inputs = body.inputs
     guards.at_most(len(inputs), limits.embeddings_max_inputs, "The number of inputs")
@@ -38,7 +40,7 @@ async def create_embedding(
         principal, endpoint=request.url.path, model=body.model, tokens=body.token_upper_bound
     ) as ticket:
         response: EmbeddingResponse = await guards.within(
-            handle.embed.remote(body), limits.embeddings_timeout_s, "Embedding"
+            embedder.submit(body, weight=len(inputs)), limits.embeddings_timeout_s, "Embedding"
         )
         await ingress.settle(ticket, tokens=response.usage.total_tokens)
     # pydantic writes the JSON itself: thousands of floats are much faster there than json.dumps.

@@ -77,7 +77,8 @@ def at_most(value: int, limit: int | None, what: str, **details: Any) -> None:
 
 
 async def within(response: Any, timeout_s: float, what: str = "Model call") -> Any:
-    """Await a handle response; past ``timeout_s`` cancel it on the replica and raise a 504."""
+    """Await a handle response (or a coroutine); past ``timeout_s`` cancel it (on the replica)
+    and raise a 504."""
 
     async def wait() -> Any:
         return await response
@@ -85,7 +86,8 @@ async def within(response: Any, timeout_s: float, what: str = "Model call") -> A
     try:
         return await asyncio.wait_for(wait(), timeout_s)
     except asyncio.TimeoutError:
-        response.cancel()
+        if hasattr(response, "cancel"):
+            response.cancel()
         raise GatewayTimeout(
             f"{what} exceeded its deadline of {timeout_s:g} s", details={"timeout_s": timeout_s}
         ) from None
