@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from typing import Any
 
 import numpy as np
@@ -86,6 +87,8 @@ def test_encoder_process_matches_the_engine(engine: EmbeddingEngine) -> None:
     encoder = EncoderProcess(LOCATION, EmbeddingSettings(torch_threads=1), device="cpu")
     try:
         assert encoder.limits.max_input_tokens == 254 and encoder.limits.dimensions == 384
+        # glibc keeps freed activation buffers in the child (see keep_freed_memory)
+        assert encoder.allocator_tuned is (platform.libc_ver()[0] == "glibc")
         assert encoder.limits.count(TEXTS) == engine.limits.count(TEXTS)
         first, second = encoder.submit(TEXTS[:2]), encoder.submit(TEXTS[2:])
         got = np.concatenate([first.result(timeout=60), second.result(timeout=60)])

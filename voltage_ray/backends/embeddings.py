@@ -9,11 +9,18 @@ ops, and the interpreter lock is taken between each two. In a server process, wh
 threads take the lock for every request, each op then waits for them: on this 2-core machine,
 a thread that holds the lock 30% of the time cut a 1-thread encode from ~310 to ~95 inputs/s.
 A child process has its own lock; texts and float32 arrays cross a pipe (about 50 KB a batch).
+
+The child also keeps freed memory for reuse (:func:`keep_freed_memory`): glibc otherwise hands
+each large activation buffer back to the kernel and faults fresh pages in on the next batch.
+Measured on this 2-core box, in one process at a time: 1-thread ``encode`` of 32 short texts,
+~358 inputs/s with glibc's defaults against ~387 with them tuned (+8%).
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 import logging
 import multiprocessing
 from collections.abc import Sequence
@@ -144,18 +151,39 @@ class EmbeddingEngine:
 # --- the engine in a child process ----------------------------------------------------------
 
 _engine: EmbeddingEngine | None = None  # the child's engine
+_allocator_tuned = False  # whether keep_freed_memory() took in the child
+
+# glibc's mallopt parameters, and the values the encoder process uses: buffers below 32 MiB come
+# from the heap (not a fresh mmap each), and up to 256 MiB of freed heap is kept, not trimmed.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+TRIM_THRESHOLD = 256 << 20
+MMAP_THRESHOLD = 32 << 20
+
+
+def keep_freed_memory() -> bool:
+    """Tune glibc's allocator in this process for repeated forward passes; False where the C
+    library is not glibc (nothing changes then)."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    )
 
 
 def _child_load(location: str, settings: dict[str, Any], device: str | None) -> None:
-    global _engine
+    global _engine, _allocator_tuned
+    _allocator_tuned = keep_freed_memory()
     _engine = EmbeddingEngine(location, EmbeddingSettings.model_validate(settings), device)
 
 
-def _child_facts() -> tuple[Any, int, int, int]:
+def _child_facts() -> tuple[Any, int, int, int, bool]:
     assert _engine is not None
     limits = _engine.limits
     threads = torch.get_num_threads()
-    return _engine.model.tokenizer, limits.dimensions, limits.max_seq_length, threads
+    tokenizer = _engine.model.tokenizer
+    return tokenizer, limits.dimensions, limits.max_seq_length, threads, _allocator_tuned
 
 
 def _child_encode(texts: Sequence[str]) -> np.ndarray:
@@ -177,9 +205,12 @@ class EncoderProcess:
             initializer=_child_load,
             initargs=(location, settings.model_dump(), device),
         )
-        tokenizer, dimensions, max_seq_length, threads = self.executor.submit(_child_facts).result()
+        facts = self.executor.submit(_child_facts).result()
+        tokenizer, dimensions, max_seq_length, threads, self.allocator_tuned = facts
         self.limits = InputLimits(tokenizer, dimensions, max_seq_length, settings.truncate)
         self.threads = threads  # torch threads of the child, at start
+        if not self.allocator_tuned:
+            logger.info("not glibc: the encoder process keeps the C library's allocator defaults")
         self.broken = False
 
     def submit(self, texts: Sequence[str]) -> Future[np.ndarray]:
