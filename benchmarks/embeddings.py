@@ -143,11 +143,7 @@ def in_fresh_process(texts: list[str], **kwargs: Any) -> float:
 
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-        return pool.submit(_in_process_call, texts, kwargs).result()
-
-
-def _in_process_call(texts: list[str], kwargs: dict[str, Any]) -> float:
-    return in_process(texts, **kwargs)
+        return pool.submit(in_process, texts, **kwargs).result()
 
 
 # --- the served app -----------------------------------------------------------------------------
