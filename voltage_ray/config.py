@@ -144,6 +144,19 @@ class ChatSettings(_Strict):
         default="auto", description="Weights dtype; auto is float32 on CPU, bfloat16 on GPU."
     )
     torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads.")
+    max_num_seqs: int = Field(
+        default=8,
+        ge=1,
+        description="Rows (choices) decoding at once in a replica's batch; a request's n choices "
+        "are n rows. Unless set, the deployment's max_ongoing_requests is twice this and its "
+        "autoscaling target_ongoing_requests equals it.",
+    )
+    max_prefill_tokens: int = Field(
+        default=256,
+        ge=16,
+        description="Prompt tokens (padded) prefilled per scheduler step; longer prompts are "
+        "prefilled in chunks, so running streams wait at most one chunk per token.",
+    )
 
 
 class EmbeddingSettings(_Strict):
@@ -211,13 +224,24 @@ class ModelConfig(_Strict):
                 raise ValueError(
                     f"model {self.id!r} is kind {self.kind!r} but has {kind!r} settings"
                 )
-        if self.kind == "chat" and self.chat is None:
-            self.chat = ChatSettings()
+        if self.kind == "chat":
+            self.chat = self.chat or ChatSettings()
+            self._chat_capacity_defaults(self.chat.max_num_seqs)
         if self.kind == "embeddings" and self.embeddings is None:
             self.embeddings = EmbeddingSettings()
         if self.kind == "images" and self.images is None:
             self.images = ImageSettings()
         return self
+
+    def _chat_capacity_defaults(self, rows: int) -> None:
+        """A chat replica's concurrency follows its batch: requests past max_num_seqs rows wait
+        in the replica (admitted at the next free row), the rest queue in Serve's router."""
+        deployment = self.deployment
+        if "max_ongoing_requests" not in deployment.model_fields_set:
+            deployment.max_ongoing_requests = 2 * rows
+        scaling = deployment.autoscaling_config
+        if scaling is not None and "target_ongoing_requests" not in scaling.model_fields_set:
+            scaling.target_ongoing_requests = float(rows)
 
     @property
     def names(self) -> list[str]:

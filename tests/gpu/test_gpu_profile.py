@@ -431,6 +431,35 @@ def test_chat_json_and_stream(app: GpuApp, client: Any) -> None:
     assert 1 <= usage.completion_tokens <= 16 and isinstance(text, str)
 
 
+def test_chat_streams_batch_on_the_device(app: GpuApp, client: Any) -> None:
+    """Continuous batching on CUDA (bfloat16): 8 concurrent seeded streams share decode steps
+    and give the texts they give alone (bfloat16 matmuls vary slightly with the batch shape, so
+    a rare row may part ways; on CPU float32 the integration tests require all to match)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def complete(i: int) -> str:
+        reply = client.chat.completions.create(
+            model="gpt-4",
+            messages=[{"role": "user", "content": f"Tell me story number {i}"}],
+            max_tokens=24,
+            temperature=0.8,
+            seed=i,
+        )
+        return str(reply.choices[0].message.content)
+
+    alone = [complete(i) for i in range(8)]
+    before = app.handle("chat").info.remote().result()["batch_sizes"]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(complete, range(8)))
+    after = app.handle("chat").info.remote().result()
+    print(f"[gpu-check] chat batch sizes {after['batch_sizes']}")
+    same = sum(a == b for a, b in zip(alone, together, strict=True))
+    print(f"[gpu-check] seeded texts equal alone and batched: {same}/8")
+    assert same >= 6
+    grown = [size for size, n in after["batch_sizes"].items() if n > before.get(size, 0)]
+    assert max(grown) > 1 and after["running"] == 0
+
+
 def test_embeddings_float_and_base64(app: GpuApp, client: Any) -> None:
     import httpx
     import numpy as np

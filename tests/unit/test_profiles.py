@@ -40,6 +40,9 @@ def test_gpu_profile_asks_fractional_gpus_with_autoscaling() -> None:
         assert auto is not None and auto.max_replicas > auto.min_replicas >= 1, name
     chat_args = deps["chat-Qwen2.5-1.5B-Instruct"].init_args[0]
     assert chat_args["source"] == {"hub": "Qwen/Qwen2.5-1.5B-Instruct", "revision": None}
+    chat = deps["chat-Qwen2.5-1.5B-Instruct"]._deployment_config
+    assert chat_args["chat"]["max_num_seqs"] == 32
+    assert chat.max_ongoing_requests == 64 and chat.autoscaling_config.target_ongoing_requests == 32
 
 
 def test_cpu_default_asks_no_gpu() -> None:
@@ -47,3 +50,5 @@ def test_cpu_default_asks_no_gpu() -> None:
     assert len(deps) == 4
     assert all(d.ray_actor_options.get("num_gpus", 0) == 0 for d in deps.values())
     assert all(d.ray_actor_options["num_cpus"] <= 0.5 for d in deps.values())
+    chat = deps["chat-SmolLM2-135M-Instruct"]._deployment_config
+    assert chat.max_ongoing_requests == 16 and chat.autoscaling_config.target_ongoing_requests == 8

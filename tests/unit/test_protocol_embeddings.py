@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import base64
+import json
 import struct
+from typing import Any
 
 import numpy as np
 import pytest
@@ -86,3 +88,61 @@ def test_response_follows_the_spec_order() -> None:
     assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 0, "total_tokens": 7}
     again = EmbeddingResponse.model_validate_json(r.model_dump_json())
     assert again == r
+
+
+def parse(fragment: str) -> dict[str, Any]:
+    """A request body exactly as FastAPI hands it to pydantic: JSON parsed by ``json.loads``."""
+    body: dict[str, Any] = {"model": "m", "input": "x"}
+    body.update(json.loads("{" + fragment + "}"))
+    return body
+
+
+# One case per field per wrong JSON type; the expected error location names the field.
+WRONG_TYPES = [
+    ('"model": 1', "model"),
+    ('"model": true', "model"),
+    ('"model": null', "model"),
+    ('"input": 5', "input"),
+    ('"input": 1.5', "input"),
+    ('"input": true', "input"),
+    ('"input": null', "input"),
+    ('"input": [1]', "input"),
+    ('"input": [true]', "input"),
+    ('"input": {"text": "a"}', "input"),
+    ('"encoding_format": 1', "encoding_format"),
+    ('"encoding_format": true', "encoding_format"),
+    ('"encoding_format": ["float"]', "encoding_format"),
+    ('"dimensions": 2.0', "dimensions"),
+    ('"dimensions": "8"', "dimensions"),
+    ('"dimensions": true', "dimensions"),
+    ('"user": 1', "user"),
+    ('"user": false', "user"),
+]
+
+
+@pytest.mark.parametrize(("fragment", "field"), WRONG_TYPES)
+def test_wrong_json_types_are_rejected(fragment: str, field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        EmbeddingRequest.model_validate(parse(fragment))
+    assert any(e["loc"][:1] == (field,) for e in info.value.errors()), info.value
+
+
+def test_every_field_has_wrong_type_cases() -> None:
+    assert {field for _, field in WRONG_TYPES} == set(EmbeddingRequest.model_fields)
+
+
+@pytest.mark.parametrize(
+    ("field", "default"), [("encoding_format", "float"), ("dimensions", None), ("user", None)]
+)
+def test_null_means_the_default(field: str, default: object) -> None:
+    r = EmbeddingRequest.model_validate(parse(f'"{field}": null'))
+    assert getattr(r, field) == default
+
+
+def test_valid_json_types_pass_and_python_callers_still_work() -> None:
+    r = EmbeddingRequest.model_validate(
+        parse('"input": ["a", "b"], "encoding_format": "base64", "dimensions": 8, "user": "u"')
+    )
+    assert (r.inputs, r.encoding_format, r.dimensions, r.user) == (["a", "b"], "base64", 8, "u")
+    assert EmbeddingRequest.model_validate(r) is r
+    assert EmbeddingRequest.model_validate(r.model_dump()) == r

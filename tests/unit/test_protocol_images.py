@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -82,3 +83,78 @@ def test_response_has_one_field_per_image() -> None:
         "created": 1,
         "data": [{"url": "http://h/v1/images/files/x.png"}, {"b64_json": "QQ=="}],
     }
+
+
+def parse(fragment: str) -> dict[str, Any]:
+    """A request body exactly as FastAPI hands it to pydantic: JSON parsed by ``json.loads``."""
+    body: dict[str, Any] = {"prompt": "a fox"}
+    body.update(json.loads("{" + fragment + "}"))
+    return body
+
+
+# One case per field per wrong JSON type; the expected error location names the field.
+WRONG_TYPES = [
+    ('"prompt": 5', "prompt"),
+    ('"prompt": true', "prompt"),
+    ('"prompt": null', "prompt"),
+    ('"prompt": ["a fox"]', "prompt"),
+    ('"n": 1.0', "n"),
+    ('"n": "2"', "n"),
+    ('"n": true', "n"),
+    ('"size": 256', "size"),
+    ('"size": true', "size"),
+    ('"size": ["256x256"]', "size"),
+    ('"response_format": 1', "response_format"),
+    ('"response_format": true', "response_format"),
+    ('"guidance_scale": true', "guidance_scale"),
+    ('"guidance_scale": "7.5"', "guidance_scale"),
+    ('"num_inference_steps": 50.0', "num_inference_steps"),
+    ('"num_inference_steps": "50"', "num_inference_steps"),
+    ('"num_inference_steps": true', "num_inference_steps"),
+    ('"model": 1', "model"),
+    ('"model": true', "model"),
+    ('"seed": 1.5', "seed"),
+    ('"seed": "1"', "seed"),
+    ('"seed": true', "seed"),
+    ('"user": 1', "user"),
+    ('"user": false', "user"),
+]
+
+
+@pytest.mark.parametrize(("fragment", "field"), WRONG_TYPES)
+def test_wrong_json_types_are_rejected(fragment: str, field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        ImageGenerationRequest.model_validate(parse(fragment))
+    assert any(e["loc"][:1] == (field,) for e in info.value.errors()), info.value
+
+
+def test_every_field_has_wrong_type_cases() -> None:
+    assert {field for _, field in WRONG_TYPES} == set(ImageGenerationRequest.model_fields)
+
+
+@pytest.mark.parametrize(
+    ("field", "default"),
+    [
+        ("n", 1),
+        ("size", "1024x1024"),
+        ("response_format", "url"),
+        ("guidance_scale", 7.5),
+        ("num_inference_steps", 50),
+        ("model", None),
+        ("seed", None),
+        ("user", None),
+    ],
+)
+def test_null_means_the_default(field: str, default: object) -> None:
+    r = ImageGenerationRequest.model_validate(parse(f'"{field}": null'))
+    assert getattr(r, field) == default
+
+
+def test_valid_json_types_pass_and_python_callers_still_work() -> None:
+    r = ImageGenerationRequest.model_validate(
+        parse('"n": 2, "size": "512x512", "guidance_scale": 7, "seed": 3, "model": "sd"')
+    )
+    assert r.guidance_scale == 7.0 and isinstance(r.guidance_scale, float)
+    assert (r.n, r.size, r.seed, r.model) == (2, "512x512", 3, "sd")
+    assert ImageGenerationRequest.model_validate(r) is r
+    assert ImageGenerationRequest.model_validate(r.model_dump()) == r

@@ -1,30 +1,21 @@
-"""Chat generation with transformers: chat template, sampling, OpenAI penalties, stop strings.
+"""A chat model with transformers: loading, the chat template, token budgets, stop strings.
 
-One ``generate`` call serves all ``n`` choices (``num_return_sequences``). Each step's tokens go
-to a :class:`RowDecoder` per choice, which turns tokens into text deltas, holds back text that may
-still become a stop string, and decides when its choice is finished; a stopping criterion reads
-those decisions, so text and termination never disagree.
+:class:`ChatEngine` loads the model and turns a request into a :class:`Prepared` prompt;
+generation itself is the batch scheduler's (``backends/batching.py``). Each generated token of a
+choice goes to that choice's :class:`RowDecoder`, which turns tokens into text deltas, holds back
+text that may still become a stop string, and decides when the choice is finished, so text and
+termination never disagree.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
-from transformers.generation.streamers import BaseStreamer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from voltage_ray.config import ChatSettings
 from voltage_ray.errors import BadRequest
@@ -118,69 +109,6 @@ class RowDecoder:
         return delta
 
 
-class OpenAIPenalties(LogitsProcessor):
-    """OpenAI's presence and frequency penalties over the tokens generated so far."""
-
-    def __init__(self, prompt_len: int, presence: float, frequency: float) -> None:
-        self.prompt_len = prompt_len
-        self.presence = presence
-        self.frequency = frequency
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        generated = input_ids[:, self.prompt_len :]
-        if generated.shape[1] == 0:
-            return scores
-        counts = torch.zeros_like(scores)
-        counts.scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
-        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
-
-
-class _RowStreamer(BaseStreamer):
-    """Feeds each step's tokens to the row decoders and reports the deltas."""
-
-    def __init__(self, rows: list[RowDecoder], emit: Callable[[list[StepEvent]], None]) -> None:
-        self.rows = rows
-        self.emit = emit
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate() first hands over the prompt itself
-            self._prompt_seen = True
-            return
-        events = []
-        for i, token in enumerate(value.reshape(-1).tolist()):
-            row = self.rows[i]
-            if row.finish_reason is not None:
-                continue
-            text = row.push(int(token))
-            if text or row.finish_reason is not None:
-                events.append(StepEvent(i, text, row.finish_reason, len(row.tokens)))
-        if events:
-            self.emit(events)
-
-    def end(self) -> None:
-        events = []
-        for i, row in enumerate(self.rows):
-            if row.finish_reason is None:  # generate() stopped on its own max_new_tokens
-                row.finish_reason = "length"
-                text = row._flush(row.decode(row.tokens))
-                events.append(StepEvent(i, text, "length", len(row.tokens)))
-        if events:
-            self.emit(events)
-
-
-class _RowsDone(StoppingCriteria):
-    def __init__(self, rows: list[RowDecoder], cancel: threading.Event) -> None:
-        self.rows = rows
-        self.cancel = cancel
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        if self.cancel.is_set():
-            return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        done = [row.finish_reason is not None for row in self.rows]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
 class ChatEngine:
     """A causal LM and its tokenizer, loaded from a directory or hub id."""
 
@@ -255,46 +183,5 @@ class ChatEngine:
             seed=request.seed,
         )
 
-    def _decode(self, tokens: list[int]) -> str:
+    def decode(self, tokens: list[int]) -> str:
         return str(self.tokenizer.decode(tokens, skip_special_tokens=True))
-
-    def generate(
-        self,
-        p: Prepared,
-        emit: Callable[[list[StepEvent]], None],
-        cancel: threading.Event,
-    ) -> list[int]:
-        """Run one batched generate for all choices; return the tokens each choice used.
-
-        Blocking: call it from a worker thread. ``emit`` receives each step's events.
-        """
-        rows = [RowDecoder(self._decode, p.stop, p.max_tokens, self.eos_ids) for _ in range(p.n)]
-        greedy = p.temperature == 0
-        gen_config = GenerationConfig(
-            max_new_tokens=p.max_tokens,
-            do_sample=not greedy,
-            temperature=None if greedy else p.temperature,
-            top_p=None if greedy else p.top_p,
-            top_k=None if greedy else 0,
-            num_return_sequences=p.n,
-            pad_token_id=self.pad_id,
-            eos_token_id=sorted(self.eos_ids),
-        )
-        processors = LogitsProcessorList()
-        if p.presence_penalty or p.frequency_penalty:
-            processors.append(
-                OpenAIPenalties(len(p.input_ids), p.presence_penalty, p.frequency_penalty)
-            )
-        input_ids = torch.tensor([p.input_ids], device=self.device)
-        if p.seed is not None:
-            torch.manual_seed(p.seed)
-        with torch.inference_mode():
-            self.model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                generation_config=gen_config,
-                logits_processor=processors,
-                stopping_criteria=StoppingCriteriaList([_RowsDone(rows, cancel)]),
-                streamer=_RowStreamer(rows, emit),
-            )
-        return [len(row.tokens) for row in rows]

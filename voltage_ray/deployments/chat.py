@@ -2,21 +2,23 @@
 
 ``chat`` returns a whole :class:`ChatCompletionResponse`; ``chat_stream`` yields
 :class:`ChatCompletionChunk`s and always ends with a usage chunk (``choices == []``), which the
-ingress forwards only when the client asked for it. Generation runs in one worker thread per
-replica; cancelling the caller (client disconnect) stops the generation at the next step.
+ingress forwards only when the client asked for it. All requests of a replica share one
+:class:`BatchScheduler` thread that batches them at every decode step; cancelling the caller
+(client disconnect, deadline) evicts its rows before the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
+import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ray.util import metrics
+
+from voltage_ray.backends.batching import BatchScheduler, Finished
 from voltage_ray.backends.chat import ChatEngine, Prepared, StepEvent
 from voltage_ray.backends.sources import materialize
 from voltage_ray.config import ModelConfig
@@ -35,14 +37,8 @@ from voltage_ray.protocol.common import Usage
 
 logger = logging.getLogger(__name__)
 
-_DONE = object()
-
-
-@dataclass(frozen=True)
-class Finished:
-    """The last item of a generation: tokens used by each choice."""
-
-    tokens: list[int]
+BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
+EXPORT_PERIOD_S = 1.0
 
 
 class ChatServer:
@@ -50,27 +46,77 @@ class ChatServer:
 
     def __init__(self, model: ModelConfig | dict[str, Any], cache_dir: str) -> None:
         self.config = ModelConfig.model_validate(model)
-        assert self.config.chat is not None
+        settings = self.config.chat
+        assert settings is not None
         location = materialize(self.config.source, Path(cache_dir))
-        self.engine = ChatEngine(location, self.config.chat)
-        # One generate at a time per replica: concurrent torch generates only thrash the cores.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self.engine = ChatEngine(location, settings)
+        self._exported_at = 0.0
+        batch_metric = metrics.Histogram(
+            "voltage_chat_batch_size",
+            description="Rows decoded together in one step of a chat replica.",
+            boundaries=BATCH_BOUNDARIES,
+            tag_keys=("model",),
+        )
+        self._running = metrics.Gauge(
+            "voltage_chat_running_rows", description="Rows decoding.", tag_keys=("model",)
+        )
+        self._waiting = metrics.Gauge(
+            "voltage_chat_waiting_requests",
+            description="Requests waiting for rows (or prefilling).",
+            tag_keys=("model",),
+        )
+        self.scheduler = BatchScheduler(
+            self.engine.model,
+            self.engine.decode,
+            self.engine.eos_ids,
+            max_num_seqs=settings.max_num_seqs,
+            max_prefill_tokens=settings.max_prefill_tokens,
+            on_step=lambda size: self._on_step(size, batch_metric),
+        )
         self._stats = {"generations": 0, "cancelled": 0, "active": 0}
-        logger.info("chat model %s ready (context %d)", self.config.id, self.engine.context_length)
+        logger.info(
+            "chat model %s ready (context %d, %d rows per batch)",
+            self.config.id,
+            self.engine.context_length,
+            settings.max_num_seqs,
+        )
 
     def check_health(self) -> None:
-        """Serve's health check: the replica is healthy while its worker thread is alive."""
-        if self._executor._shutdown:
-            raise RuntimeError("generation executor is shut down")
+        """Serve's health check: the replica is healthy while its scheduler thread runs."""
+        if not self.scheduler.alive:
+            raise RuntimeError("the chat scheduler thread stopped")
+
+    def __del__(self) -> None:
+        """Serve's shutdown hook (also garbage collection): stop the scheduler thread."""
+        scheduler = getattr(self, "scheduler", None)
+        if scheduler is not None:
+            scheduler.shutdown()
+
+    def _on_step(self, size: int, batch_metric: metrics.Histogram) -> None:
+        """On the scheduler thread after each decode step: the batch size, and the gauges at
+        most every EXPORT_PERIOD_S (each request's end also sets them)."""
+        batch_metric.observe(size, tags={"model": self.config.id})
+        if time.monotonic() - self._exported_at >= EXPORT_PERIOD_S:
+            self._export(self.scheduler.stats())
+
+    def _export(self, batching: dict[str, Any]) -> None:
+        self._exported_at = time.monotonic()
+        tags = {"model": self.config.id}
+        self._running.set(batching["running"], tags=tags)
+        self._waiting.set(batching["waiting"], tags=tags)
 
     async def info(self) -> dict[str, Any]:
-        """The model's id, context length, where its weights live and generation counters."""
+        """The model, where its weights live, request counters and the batch scheduler's state:
+        ``running`` rows, ``waiting`` requests and the realized ``batch_sizes`` (size: steps)."""
+        batching = self.scheduler.stats()
+        self._export(batching)
         return {
             "id": self.config.id,
             "context_length": self.engine.context_length,
             "device": str(self.engine.model.device),
             "dtype": str(self.engine.model.dtype).removeprefix("torch."),
             **self._stats,
+            **batching,
         }
 
     async def prepare(self, request: ChatCompletionRequest | dict[str, Any]) -> dict[str, int]:
@@ -79,41 +125,32 @@ class ChatServer:
         return {"prompt_tokens": p.prompt_tokens, "max_tokens": p.max_tokens, "n": p.n}
 
     async def _events(self, prepared: Prepared) -> AsyncIterator[list[StepEvent] | Finished]:
-        """Bridge the generate thread to asyncio; yields step events, then the token counts."""
+        """The scheduler's events for one request, bridged to asyncio."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        cancel = threading.Event()
-
-        def emit(events: list[StepEvent]) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, events)
-
-        def run() -> None:
-            try:
-                used = self.engine.generate(prepared, emit, cancel)
-                loop.call_soon_threadsafe(queue.put_nowait, (_DONE, used))
-            except BaseException as exc:  # handed to the awaiting coroutine
-                loop.call_soon_threadsafe(queue.put_nowait, (_DONE, exc))
-
-        future = loop.run_in_executor(self._executor, run)
+        ticket = self.scheduler.submit(
+            prepared, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)
+        )
         self._stats["generations"] += 1
         self._stats["active"] += 1
         completed = False
         try:
             while True:
                 item = await queue.get()
-                if isinstance(item, tuple) and item[0] is _DONE:
+                if isinstance(item, BaseException):
                     completed = True
-                    if isinstance(item[1], BaseException):
-                        raise item[1]
-                    yield Finished(item[1])
-                    return
+                    raise item
+                if isinstance(item, Finished):
+                    completed = True
                 yield item
+                if completed:
+                    return
         finally:
             self._stats["active"] -= 1
-            cancel.set()  # a no-op when finished; stops generation when the caller went away
-            if not completed:
+            if not completed:  # the caller went away: free its rows before the next step
+                self.scheduler.cancel(ticket)
                 self._stats["cancelled"] += 1
-                future.add_done_callback(lambda f: f.exception())
+            self._export(self.scheduler.stats())
 
     async def chat(self, request: ChatCompletionRequest | dict[str, Any]) -> ChatCompletionResponse:
         req = ChatCompletionRequest.model_validate(request)

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import (
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from voltage_ray.protocol.common import RequestModel, ResponseModel, Usage, require_unicode
 
@@ -134,8 +140,18 @@ class ChatCompletionResponse(ResponseModel):
 
 
 class Delta(ResponseModel):
+    """A chunk's delta, as OpenAI sends it: `role` only in the first, `{}` in the finish chunk.
+
+    Its unset (None) fields are left out when serialized; the chunk's other nulls
+    (`finish_reason`, `logprobs`, `usage`) are kept.
+    """
+
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
 
 
 class ChunkChoice(ResponseModel):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+import types
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 def require_unicode(text: str, what: str) -> None:
@@ -16,10 +17,47 @@ def require_unicode(text: str, what: str) -> None:
         raise ValueError(f"{what} is not valid Unicode (it holds a lone surrogate)") from None
 
 
-class RequestModel(BaseModel):
-    """Base for request bodies: unknown fields are a 400, as OpenAI answers them."""
+def admits_none(annotation: Any) -> bool:
+    """Whether a field's type accepts ``None`` itself (``X | None``, ``Optional``, ``Any``)."""
+    if annotation is None or annotation is type(None) or annotation is Any:
+        return True
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return admits_none(get_args(annotation)[0])
+    if origin is Union or origin is types.UnionType:
+        return any(admits_none(arg) for arg in get_args(annotation))
+    if origin is Literal:
+        return None in get_args(annotation)
+    return False
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+class RequestModel(BaseModel):
+    """Base for request bodies, strict about JSON types as OpenAI is.
+
+    Unknown fields are a 400. ``strict=True`` holds in Python mode too, which is how FastAPI
+    validates the parsed body: a boolean is not a number, a string is not a number or a boolean,
+    a number is not a string, and a float (even ``1.0``) is not an integer; an integer is still a
+    valid float. A JSON ``null`` on a field with a default means "unset" (the default applies),
+    as OpenAI reads it; ``null`` on a required field stays an error.
+    """
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or all(value is not None for value in data.values()):
+            return data
+        fields = cls.model_fields
+        unset = {
+            key
+            for key, value in data.items()
+            if value is None
+            and key in fields
+            and not fields[key].is_required()
+            and not admits_none(fields[key].annotation)
+        }
+        return {k: v for k, v in data.items() if k not in unset} if unset else data
 
 
 class ResponseModel(BaseModel):
