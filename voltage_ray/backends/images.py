@@ -129,6 +129,34 @@ class _StepGuard:
         return {"latents": tensors["latents"][index], "prompt_embeds": embeds}
 
 
+def embed_timestep_once(unet: Any) -> bool:
+    """Make a Stable Diffusion UNet's time embedding one row, broadcast over the batch.
+
+    The UNet expands the step's timestep to every row, then runs the time embedding's linear
+    layers (and each resnet's ``time_emb_proj``) as matrix products with one row per image. CPU
+    BLAS (MKL) picks its kernel by the number of rows (one, a few, blocks of four and their
+    remainder), so the same row comes out differently, by an ulp, in batches of other sizes or
+    at another place in its batch; over the denoising steps that grows into other pixels. Computed
+    for one row, the embedding is the same for every batch, and the resnets add it by
+    broadcasting. (Per-row added embeddings, as SDXL's, still make it a row per image.) Returns
+    whether ``unet`` was changed: only a plain ``UNet2DConditionModel`` whose embedding is not
+    concatenated with a per-row class embedding.
+    """
+    if type(unet).__name__ != "UNet2DConditionModel" or not hasattr(unet, "get_time_embed"):
+        return False
+    if getattr(unet.config, "class_embeddings_concat", False):
+        return False
+    per_row = unet.get_time_embed
+
+    def once(sample: torch.Tensor, timestep: Any) -> Any:
+        if torch.is_tensor(timestep) and timestep.numel() > 1:  # a timestep per row
+            return per_row(sample=sample, timestep=timestep)
+        return per_row(sample=sample[:1], timestep=timestep)
+
+    unet.get_time_embed = once
+    return True
+
+
 class ImageEngine:
     """A diffusers text-to-image pipeline, loaded from a directory or hub id."""
 
@@ -150,7 +178,10 @@ class ImageEngine:
         vae = getattr(self.pipe, "vae", None)
         if vae is not None and hasattr(vae, "enable_slicing"):
             vae.enable_slicing()  # decode one image at a time: big sizes x many images
-        unet_config = getattr(getattr(self.pipe, "unet", None), "config", None)
+        unet = getattr(self.pipe, "unet", None)
+        if unet is not None:
+            embed_timestep_once(unet)  # so an image's numbers do not depend on its batch
+        unet_config = getattr(unet, "config", None)
         self.can_shrink = (
             type(self.pipe).__name__ == "StableDiffusionPipeline"
             and type(self.pipe.scheduler).__name__ in ROW_INDEPENDENT_SCHEDULERS
