@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
-from voltage_ray.app import build_app, load_args
+import pytest
+
+from voltage_ray.app import ConfigError, build_app, load_args, parse_config
+from voltage_ray.deployments.builder import bind_ingress
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def deployments(path: Path) -> dict[str, Any]:
-    app = build_app(load_args(path))
+    """The bound deployments of a profile, as build_app binds them (without build_app's checks
+    of what this node has installed: the GPU profile's vllm is not installed here)."""
+    app = bind_ingress(parse_config(load_args(path)))
     ingress = app._bound_deployment
     found = {ingress.name: ingress}
     for model_app in ingress.init_args[1].values():
@@ -52,3 +58,12 @@ def test_cpu_default_asks_no_gpu() -> None:
     assert all(d.ray_actor_options["num_cpus"] <= 0.5 for d in deps.values())
     chat = deps["chat-SmolLM2-135M-Instruct"]._deployment_config
     assert chat.max_ongoing_requests == 16 and chat.autoscaling_config.target_ongoing_requests == 8
+
+
+def test_gpu_profile_runs_chat_on_vllm_and_says_when_vllm_is_missing() -> None:
+    chat = deployments(REPO / "configs" / "gpu.yaml")["chat-Qwen2.5-1.5B-Instruct"]
+    assert chat.init_args[0]["chat"]["engine"] == "vllm"
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    with pytest.raises(ConfigError, match=r"pip install 'voltage_ray\[vllm\]'"):
+        build_app(load_args(REPO / "configs" / "gpu.yaml"))

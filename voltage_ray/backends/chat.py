@@ -1,7 +1,8 @@
 """A chat model with transformers: loading, the chat template, token budgets, stop strings.
 
-:class:`ChatEngine` loads the model and turns a request into a :class:`Prepared` prompt;
-generation itself is the batch scheduler's (``backends/batching.py``). Each generated token of a
+:class:`Prompter` turns a request into a :class:`Prepared` token prompt (the same for every
+engine); :class:`ChatEngine` adds the transformers model, which the batch scheduler
+(``backends/batching.py``) runs. Each generated token of a
 choice goes to that choice's :class:`RowDecoder`, which turns tokens into text deltas, holds back
 text that may still become a stop string, and decides when the choice is finished, so text and
 termination never disagree.
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from voltage_ray.config import ChatSettings
 from voltage_ray.errors import BadRequest
@@ -109,25 +110,25 @@ class RowDecoder:
         return delta
 
 
-class ChatEngine:
-    """A causal LM and its tokenizer, loaded from a directory or hub id."""
+class Prompter:
+    """A chat model's tokenizer side: chat template, context length, end-of-sequence ids.
 
-    def __init__(self, location: str, settings: ChatSettings, device: str | None = None) -> None:
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = settings.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
+    Every engine turns requests into token prompts here, so prompt token counts, the context
+    check and stop handling are the same whichever engine generates.
+    """
+
+    def __init__(self, location: str, settings: ChatSettings, model_config: Any = None) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(location)
-        self.model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, dtype))
-        self.model.to(self.device).eval()
         if not self.tokenizer.chat_template:
             self.tokenizer.chat_template = FALLBACK_TEMPLATE
-        config_ctx = getattr(self.model.config, "max_position_embeddings", None) or 2048
-        self.context_length = settings.max_context or int(config_ctx)
+        config = model_config or AutoConfig.from_pretrained(location)
+        config_ctx = getattr(config, "max_position_embeddings", None) or 2048
+        self.context_length = settings.max_context or settings.max_model_len or int(config_ctx)
         self.default_max_tokens = settings.default_max_tokens
-        eos = self.model.generation_config.eos_token_id
+        try:
+            eos = GenerationConfig.from_pretrained(location).eos_token_id
+        except OSError:  # no generation_config.json: the model config's
+            eos = getattr(config, "eos_token_id", None)
         eos_list = eos if isinstance(eos, list) else [eos]
         if self.tokenizer.eos_token_id is not None:
             eos_list.append(self.tokenizer.eos_token_id)
@@ -185,3 +186,18 @@ class ChatEngine:
 
     def decode(self, tokens: list[int]) -> str:
         return str(self.tokenizer.decode(tokens, skip_special_tokens=True))
+
+
+class ChatEngine(Prompter):
+    """A causal LM with its tokenizer side, loaded from a directory or hub id (transformers)."""
+
+    def __init__(self, location: str, settings: ChatSettings, device: str | None = None) -> None:
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = settings.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
+        self.model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, dtype))
+        self.model.to(self.device).eval()
+        super().__init__(location, settings, self.model.config)

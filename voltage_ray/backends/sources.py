@@ -33,10 +33,35 @@ def resolve_path(value: str) -> Path:
     if not value.startswith(PKG_SCHEME):
         return Path(value).expanduser().resolve()
     package, _, rest = value[len(PKG_SCHEME) :].partition("/")
-    spec = importlib.util.find_spec(package)
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):  # a dotted name whose parent is missing, or no name
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"package {package!r} is not installed (needed by {value!r})")
     return Path(next(iter(spec.submodule_search_locations))) / rest
+
+
+def unavailable(source: ModelSource) -> str | None:
+    """Why ``source`` cannot be opened on this node (with its ``install`` hint), else None.
+
+    Cheap and offline: it looks for a package or path, never loads anything. Hub ids and
+    built-in models are always taken as available (a hub cache cannot be checked cheaply).
+    """
+    if isinstance(source, LocalSource):
+        value, what, is_there = source.path, "model directory", Path.exists
+    elif isinstance(source, GGUFSource):
+        value, what, is_there = source.gguf, "GGUF file", Path.is_file
+    else:
+        return None
+    try:
+        path = resolve_path(value)
+        problem = None if is_there(path) else f"{what} {path} does not exist"
+    except FileNotFoundError as exc:
+        problem = str(exc)
+    if problem and source.install:
+        problem += f"; to get it: {source.install}"
+    return problem
 
 
 @contextlib.contextmanager
@@ -98,15 +123,13 @@ def materialize(source: ModelSource, cache_dir: Path) -> str:
     """A hub id or local directory that ``from_pretrained`` opens, building/converting if needed."""
     if isinstance(source, HubSource):
         return source.hub
+    problem = unavailable(source)
+    if problem is not None:
+        raise FileNotFoundError(problem)
     if isinstance(source, LocalSource):
-        path = resolve_path(source.path)
-        if not path.exists():
-            raise FileNotFoundError(f"model directory {path} does not exist")
-        return str(path)
+        return str(resolve_path(source.path))
     if isinstance(source, GGUFSource):
         gguf_file = resolve_path(source.gguf)
-        if not gguf_file.is_file():
-            raise FileNotFoundError(f"GGUF file {gguf_file} does not exist")
         target = gguf_cache_dir(gguf_file, cache_dir)
         return str(build_once(target, lambda tmp: convert_gguf(gguf_file, tmp)))
     if isinstance(source, BuiltinSource):

@@ -2,14 +2,13 @@
 
 ``chat`` returns a whole :class:`ChatCompletionResponse`; ``chat_stream`` yields
 :class:`ChatCompletionChunk`s and always ends with a usage chunk (``choices == []``), which the
-ingress forwards only when the client asked for it. All requests of a replica share one
-:class:`BatchScheduler` thread that batches them at every decode step; cancelling the caller
-(client disconnect, deadline) evicts its rows before the next step.
+ingress forwards only when the client asked for it. The engine (``chat.engine`` in the config:
+transformers' continuous batching, or vLLM) batches all requests of a replica; cancelling the
+caller (client disconnect, deadline) cancels its request in the engine.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -18,8 +17,9 @@ from typing import Any
 
 from ray.util import metrics
 
-from voltage_ray.backends.batching import BatchScheduler, Finished
-from voltage_ray.backends.chat import ChatEngine, Prepared, StepEvent
+from voltage_ray.backends.batching import Finished
+from voltage_ray.backends.chat import Prepared, StepEvent
+from voltage_ray.backends.engines import build_backend
 from voltage_ray.backends.sources import materialize
 from voltage_ray.config import ModelConfig
 from voltage_ray.protocol.chat import (
@@ -49,7 +49,6 @@ class ChatServer:
         settings = self.config.chat
         assert settings is not None
         location = materialize(self.config.source, Path(cache_dir))
-        self.engine = ChatEngine(location, settings)
         self._exported_at = 0.0
         batch_metric = metrics.Histogram(
             "voltage_chat_batch_size",
@@ -65,96 +64,89 @@ class ChatServer:
             description="Requests waiting for rows (or prefilling).",
             tag_keys=("model",),
         )
-        self.scheduler = BatchScheduler(
-            self.engine.model,
-            self.engine.decode,
-            self.engine.eos_ids,
-            max_num_seqs=settings.max_num_seqs,
-            max_prefill_tokens=settings.max_prefill_tokens,
+        self.backend = build_backend(
+            location,
+            settings,
+            self.config.deployment.ray_actor_options.num_gpus,
             on_step=lambda size: self._on_step(size, batch_metric),
         )
+        self.prompter = self.backend.prompter
         self._stats = {"generations": 0, "cancelled": 0, "active": 0}
         logger.info(
-            "chat model %s ready (context %d, %d rows per batch)",
+            "chat model %s ready: engine %s, context %d, %d rows per batch",
             self.config.id,
-            self.engine.context_length,
+            self.backend.name,
+            self.prompter.context_length,
             settings.max_num_seqs,
         )
 
     def check_health(self) -> None:
-        """Serve's health check: the replica is healthy while its scheduler thread runs."""
-        if not self.scheduler.alive:
-            raise RuntimeError("the chat scheduler thread stopped")
+        """Serve's health check: the replica is healthy while its engine runs."""
+        if not self.backend.alive:
+            raise RuntimeError(f"the {self.backend.name} chat engine stopped")
 
     def __del__(self) -> None:
-        """Serve's shutdown hook (also garbage collection): stop the scheduler thread."""
-        scheduler = getattr(self, "scheduler", None)
-        if scheduler is not None:
-            scheduler.shutdown()
+        """Serve's shutdown hook (also garbage collection): stop the engine."""
+        backend = getattr(self, "backend", None)
+        if backend is not None:
+            backend.shutdown()
 
     def _on_step(self, size: int, batch_metric: metrics.Histogram) -> None:
         """On the scheduler thread after each decode step: the batch size, and the gauges at
         most every EXPORT_PERIOD_S (each request's end also sets them)."""
         batch_metric.observe(size, tags={"model": self.config.id})
         if time.monotonic() - self._exported_at >= EXPORT_PERIOD_S:
-            self._export(self.scheduler.stats())
+            self._export(self.backend.stats())
 
-    def _export(self, batching: dict[str, Any]) -> None:
+    def _export(self, state: dict[str, Any]) -> None:
         self._exported_at = time.monotonic()
         tags = {"model": self.config.id}
-        self._running.set(batching["running"], tags=tags)
-        self._waiting.set(batching["waiting"], tags=tags)
+        self._running.set(state["running"], tags=tags)
+        if "waiting" in state:
+            self._waiting.set(state["waiting"], tags=tags)
 
     async def info(self) -> dict[str, Any]:
-        """The model, where its weights live, request counters and the batch scheduler's state:
-        ``running`` rows, ``waiting`` requests and the realized ``batch_sizes`` (size: steps)."""
-        batching = self.scheduler.stats()
-        self._export(batching)
+        """The model, its engine and where its weights live, request counters and the engine's
+        state (transformers: ``running`` rows, ``waiting`` requests and the realized
+        ``batch_sizes`` as size: steps)."""
+        state = self.backend.stats()
+        self._export(state)
         return {
             "id": self.config.id,
-            "context_length": self.engine.context_length,
-            "device": str(self.engine.model.device),
-            "dtype": str(self.engine.model.dtype).removeprefix("torch."),
+            "engine": self.backend.name,
+            "context_length": self.prompter.context_length,
+            **self.backend.placement(),
             **self._stats,
-            **batching,
+            **state,
         }
 
     async def prepare(self, request: ChatCompletionRequest | dict[str, Any]) -> dict[str, int]:
         """Prompt tokens and resolved max_tokens of a request (for admission), or a BadRequest."""
-        p = self.engine.prepare(ChatCompletionRequest.model_validate(request))
+        p = self.prompter.prepare(ChatCompletionRequest.model_validate(request))
         return {"prompt_tokens": p.prompt_tokens, "max_tokens": p.max_tokens, "n": p.n}
 
     async def _events(self, prepared: Prepared) -> AsyncIterator[list[StepEvent] | Finished]:
-        """The scheduler's events for one request, bridged to asyncio."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        ticket = self.scheduler.submit(
-            prepared, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)
-        )
+        """The engine's events for one request, with the replica's counters."""
+        events = self.backend.stream(prepared)
         self._stats["generations"] += 1
         self._stats["active"] += 1
         completed = False
         try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    completed = True
-                    raise item
-                if isinstance(item, Finished):
-                    completed = True
+            async for item in events:
+                completed = isinstance(item, Finished)
                 yield item
                 if completed:
                     return
         finally:
             self._stats["active"] -= 1
-            if not completed:  # the caller went away: free its rows before the next step
-                self.scheduler.cancel(ticket)
+            if not completed:
                 self._stats["cancelled"] += 1
-            self._export(self.scheduler.stats())
+            await events.aclose()  # cancels the request in the engine when it did not finish
+            self._export(self.backend.stats())
 
     async def chat(self, request: ChatCompletionRequest | dict[str, Any]) -> ChatCompletionResponse:
         req = ChatCompletionRequest.model_validate(request)
-        prepared = self.engine.prepare(req)
+        prepared = self.prompter.prepare(req)
         texts = [""] * prepared.n
         reasons: list[str | None] = [None] * prepared.n
         completion = 0
@@ -186,7 +178,7 @@ class ChatServer:
         """Chunks of one completion. Every chunk carries the usage so far (callers that follow
         OpenAI's format strip it); the last chunk has no choices and the final usage."""
         req = ChatCompletionRequest.model_validate(request)
-        prepared = self.engine.prepare(req)  # a BadRequest here precedes the first chunk
+        prepared = self.prompter.prepare(req)  # a BadRequest here precedes the first chunk
         cid, created, model = completion_id(), now(), self.config.id
         row_tokens = [0] * prepared.n
 

@@ -1,0 +1,126 @@
+"""The vllm engine's pure parts (run everywhere) and, where vllm is installed, SamplingParams."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from voltage_ray.backends.chat import Prepared
+from voltage_ray.backends.vllm_engine import (
+    VLLMBackend,
+    VLLMUnavailable,
+    engine_kwargs,
+    gpu_memory_utilization,
+    sampling_kwargs,
+    vllm_installed,
+)
+from voltage_ray.config import ChatSettings, ModelConfig
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+def prepared(**kw: Any) -> Prepared:
+    base: dict[str, Any] = dict(
+        input_ids=[1, 2, 3],
+        max_tokens=7,
+        n=1,
+        temperature=1.0,
+        top_p=1.0,
+        presence_penalty=0.0,
+        frequency_penalty=0.0,
+        stop=[],
+        seed=None,
+    )
+    base.update(kw)
+    return Prepared(**base)
+
+
+def test_every_request_parameter_maps_onto_sampling_params() -> None:
+    p = prepared(
+        n=3,
+        temperature=0.7,
+        top_p=0.9,
+        seed=42,
+        presence_penalty=0.5,
+        frequency_penalty=-0.25,
+        stop=["END", "\n\n"],
+        max_tokens=64,
+    )
+    assert sampling_kwargs(p) == {
+        "n": 3,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "seed": 42,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.25,
+        "stop": ["END", "\n\n"],
+        "max_tokens": 64,
+        "include_stop_str_in_output": False,
+        "skip_special_tokens": True,
+    }
+
+
+def test_greedy_and_top_p_zero_stay_within_vllms_ranges() -> None:
+    greedy = sampling_kwargs(prepared(temperature=0.0, top_p=0.3))
+    assert greedy["temperature"] == 0.0 and greedy["top_p"] == 1.0
+    assert 0 < sampling_kwargs(prepared(top_p=0.0))["top_p"] < 1e-6
+
+
+def test_gpu_memory_utilization_follows_the_replica_share() -> None:
+    assert gpu_memory_utilization(ChatSettings(), 0.5) == 0.45
+    assert gpu_memory_utilization(ChatSettings(), 1) == 0.9
+    assert gpu_memory_utilization(ChatSettings(), 2) == 0.9  # tensor parallel: per GPU
+    assert gpu_memory_utilization(ChatSettings(gpu_memory_utilization=0.3), 0.5) == 0.3
+    with pytest.raises(ValueError, match="exceeds the replica's GPU share"):
+        gpu_memory_utilization(ChatSettings(gpu_memory_utilization=0.6), 0.5)
+
+
+def test_engine_args_carry_the_settings() -> None:
+    settings = ChatSettings(engine="vllm", max_num_seqs=32, max_model_len=4096, dtype="bfloat16")
+    kwargs = engine_kwargs("/models/qwen", settings, 0.25)
+    assert kwargs["model"] == kwargs["tokenizer"] == "/models/qwen"
+    assert kwargs["max_num_seqs"] == 32 and kwargs["max_model_len"] == 4096
+    assert kwargs["gpu_memory_utilization"] == 0.225 and kwargs["enable_prefix_caching"] is True
+    assert kwargs["dtype"] == "bfloat16"
+
+
+def vllm_model(**chat: Any) -> dict[str, Any]:
+    return {
+        "id": "qwen",
+        "kind": "chat",
+        "source": {"hub": "Qwen/Qwen2.5-1.5B-Instruct"},
+        "chat": {"engine": "vllm", **chat},
+        "deployment": {"ray_actor_options": {"num_gpus": 0.5}},
+    }
+
+
+def test_config_validates_the_engine_and_its_gpu_share() -> None:
+    assert ModelConfig.model_validate(vllm_model()).chat.engine == "vllm"  # type: ignore[union-attr]
+    with pytest.raises(ValidationError, match="engine"):
+        ModelConfig.model_validate(vllm_model() | {"chat": {"engine": "tgi"}})
+    no_gpu = vllm_model() | {"deployment": {"ray_actor_options": {"num_gpus": 0}}}
+    with pytest.raises(ValidationError, match="engine vllm needs a GPU"):
+        ModelConfig.model_validate(no_gpu)
+    with pytest.raises(ValidationError, match="exceeds the replica's GPU share"):
+        ModelConfig.model_validate(vllm_model(gpu_memory_utilization=0.8))
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="vllm is installed here")
+def test_without_vllm_the_engine_says_how_to_get_it() -> None:
+    assert not vllm_installed()
+    with pytest.raises(VLLMUnavailable, match=r"pip install 'voltage_ray\[vllm\]'"):
+        VLLMBackend("/nowhere", ChatSettings(engine="vllm"), 0.5)
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="needs the vllm package (voltage_ray[vllm])")
+def test_sampling_params_accept_the_mapping() -> None:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    p = prepared(n=2, temperature=0.8, top_p=0.9, seed=1, stop=["x"], presence_penalty=1.0)
+    params = SamplingParams(**sampling_kwargs(p), output_kind=RequestOutputKind.DELTA)
+    assert params.n == 2 and params.seed == 1 and params.stop == ["x"]
+    assert params.output_kind == RequestOutputKind.DELTA

@@ -1,0 +1,112 @@
+"""The chat engine interface the ChatServer deployment uses, and its transformers implementation.
+
+An engine turns a :class:`Prepared` prompt into a stream of step events (``list[StepEvent]``)
+ending with :class:`Finished` (tokens per choice); leaving the stream early (the caller went
+away, a deadline passed) cancels the generation. Two engines implement it: ``transformers``
+(voltage_ray's continuous-batching scheduler, CPU and GPU) and ``vllm`` (vLLM's ``AsyncLLM``,
+GPU; ``backends/vllm_engine.py``). Both build prompts with the same :class:`Prompter`, so token
+counts, the context check, usage and finish reasons agree whichever engine runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+from voltage_ray.backends.batching import BatchScheduler, Finished
+from voltage_ray.backends.chat import ChatEngine, Prepared, Prompter, StepEvent
+from voltage_ray.config import ChatSettings
+
+Events = AsyncIterator[list[StepEvent] | Finished]
+
+
+class ChatBackend(Protocol):
+    """What a chat engine offers the ChatServer."""
+
+    name: str
+    prompter: Prompter
+
+    def stream(self, prepared: Prepared) -> Events:
+        """Step events of one request, then Finished; closing it early cancels the request."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """Engine state for ``info()``: at least ``running`` rows and ``waiting`` requests."""
+        ...
+
+    def placement(self) -> dict[str, str]:
+        """Where the weights live: ``device`` and ``dtype``."""
+        ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    def shutdown(self) -> None: ...
+
+
+class TransformersBackend:
+    """voltage_ray's continuous-batching scheduler over a transformers model."""
+
+    name = "transformers"
+
+    def __init__(
+        self, location: str, settings: ChatSettings, on_step: Callable[[int], None] | None = None
+    ) -> None:
+        self.engine = ChatEngine(location, settings)
+        self.prompter: Prompter = self.engine
+        self.scheduler = BatchScheduler(
+            self.engine.model,
+            self.engine.decode,
+            self.engine.eos_ids,
+            max_num_seqs=settings.max_num_seqs,
+            max_prefill_tokens=settings.max_prefill_tokens,
+            on_step=on_step,
+        )
+
+    async def stream(self, prepared: Prepared) -> Events:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        ticket = self.scheduler.submit(
+            prepared, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)
+        )
+        completed = False
+        try:
+            while not completed:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    completed = True
+                    raise item
+                completed = isinstance(item, Finished)
+                yield item
+        finally:
+            if not completed:  # the caller went away: free its rows before the next step
+                self.scheduler.cancel(ticket)
+
+    def stats(self) -> dict[str, Any]:
+        return self.scheduler.stats()
+
+    def placement(self) -> dict[str, str]:
+        model = self.engine.model
+        return {"device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")}
+
+    @property
+    def alive(self) -> bool:
+        return self.scheduler.alive
+
+    def shutdown(self) -> None:
+        self.scheduler.shutdown()
+
+
+def build_backend(
+    location: str,
+    settings: ChatSettings,
+    num_gpus: float,
+    on_step: Callable[[int], None] | None = None,
+) -> ChatBackend:
+    """The engine ``settings.engine`` names, loaded from ``location``."""
+    if settings.engine == "vllm":
+        from voltage_ray.backends.vllm_engine import VLLMBackend
+
+        return VLLMBackend(location, settings, num_gpus)
+    return TransformersBackend(location, settings, on_step)

@@ -1,0 +1,164 @@
+"""The ``vllm`` chat engine: vLLM's ``AsyncLLM`` behind the same ChatServer (GPU hosts).
+
+vLLM brings paged attention, prefix caching and CUDA graphs; voltage_ray keeps the request side:
+prompts are token ids from the model's chat template (:class:`Prompter`, so prompt token counts
+and the context check are exact and identical to the transformers engine), and each request's
+parameters map onto vLLM's ``SamplingParams`` (:func:`sampling_kwargs`) with delta outputs.
+Leaving the stream aborts the vLLM request. vLLM is imported lazily: the CPU install never
+needs it (``pip install 'voltage_ray[vllm]'`` on GPU hosts; the version Ray Serve LLM 2.60 pins).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import uuid
+from typing import Any
+
+from voltage_ray.backends.batching import Finished
+from voltage_ray.backends.chat import Prepared, Prompter, StepEvent
+from voltage_ray.backends.engines import Events
+from voltage_ray.config import ChatSettings
+
+logger = logging.getLogger(__name__)
+
+VLLM_REQUIREMENT = "vllm==0.29.0"  # what ray[serve,llm]==2.60.0 pins
+SHARE_HEADROOM = 0.9  # of the replica's GPU share, left to the engine by default
+MIN_TOP_P = 1e-8  # vLLM wants top_p in (0, 1]; top_p 0 keeps only the most likely token
+
+
+class VLLMUnavailable(RuntimeError):
+    """The vllm package is not installed where the engine was asked for."""
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def sampling_kwargs(p: Prepared) -> dict[str, Any]:
+    """``SamplingParams`` keyword arguments for a prepared request (output kind added apart)."""
+    greedy = p.temperature == 0
+    return {
+        "n": p.n,
+        "temperature": p.temperature,
+        "top_p": 1.0 if greedy else max(p.top_p, MIN_TOP_P),
+        "seed": p.seed,
+        "presence_penalty": p.presence_penalty,
+        "frequency_penalty": p.frequency_penalty,
+        "stop": list(p.stop),
+        "max_tokens": p.max_tokens,
+        "include_stop_str_in_output": False,
+        "skip_special_tokens": True,
+    }
+
+
+def gpu_memory_utilization(settings: ChatSettings, num_gpus: float) -> float:
+    """The configured fraction, else 0.9 of the replica's share of its GPU."""
+    share = min(num_gpus, 1.0)
+    if settings.gpu_memory_utilization is not None:
+        if settings.gpu_memory_utilization > share:
+            raise ValueError(
+                f"gpu_memory_utilization {settings.gpu_memory_utilization} exceeds the replica's "
+                f"GPU share (num_gpus {num_gpus})"
+            )
+        return settings.gpu_memory_utilization
+    return round(SHARE_HEADROOM * share, 4)
+
+
+def engine_kwargs(location: str, settings: ChatSettings, num_gpus: float) -> dict[str, Any]:
+    """``AsyncEngineArgs`` keyword arguments for a model directory and its settings."""
+    return {
+        "model": location,
+        "tokenizer": location,
+        "dtype": settings.dtype,
+        "max_model_len": settings.max_model_len or settings.max_context,
+        "gpu_memory_utilization": gpu_memory_utilization(settings, num_gpus),
+        "enable_prefix_caching": settings.enable_prefix_caching,
+        "max_num_seqs": settings.max_num_seqs,
+        "disable_log_stats": True,
+    }
+
+
+def check_free_memory(utilization: float) -> None:
+    """Fail at start, clearly, when the GPU has less free memory than the engine will claim
+    (vLLM's own check fails later with a message about profiling)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("engine vllm needs a CUDA GPU, and this replica sees none")
+    free, total = torch.cuda.mem_get_info()
+    if free < utilization * total:
+        raise RuntimeError(
+            f"engine vllm would claim {utilization:.0%} of the GPU's {total / 2**30:.1f} GiB, but "
+            f"only {free / 2**30:.1f} GiB are free: lower gpu_memory_utilization or the number "
+            "of replicas sharing this GPU (their num_gpus shares must add up to at most 1)"
+        )
+
+
+class VLLMBackend:
+    """vLLM's AsyncLLM, one per replica."""
+
+    name = "vllm"
+
+    def __init__(self, location: str, settings: ChatSettings, num_gpus: float) -> None:
+        if not vllm_installed():
+            raise VLLMUnavailable(
+                f"engine vllm needs the vllm package: pip install 'voltage_ray[vllm]' "
+                f"({VLLM_REQUIREMENT})"
+            )
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.prompter = Prompter(location, settings)
+        kwargs = engine_kwargs(location, settings, num_gpus)
+        kwargs["max_model_len"] = self.prompter.context_length
+        check_free_memory(kwargs["gpu_memory_utilization"])
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        self.dtype = str(self.engine.model_config.dtype).removeprefix("torch.")
+        self.rows = self.requests = 0
+
+    async def stream(self, prepared: Prepared) -> Events:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(**sampling_kwargs(prepared), output_kind=RequestOutputKind.DELTA)
+        request_id = uuid.uuid4().hex
+        used = [0] * prepared.n
+        completed = False
+        self.rows += prepared.n
+        self.requests += 1
+        try:
+            prompt = TokensPrompt(prompt_token_ids=prepared.input_ids)
+            async for out in self.engine.generate(prompt, params, request_id):
+                events = []
+                for o in out.outputs:
+                    used[o.index] += len(o.token_ids)
+                    reason = o.finish_reason if o.finish_reason in ("stop", "length") else None
+                    if o.text or reason:
+                        events.append(StepEvent(o.index, o.text, reason, used[o.index]))
+                if events:
+                    yield events
+                if out.finished:
+                    completed = True
+                    yield Finished(list(used))
+                    return
+        finally:
+            self.rows -= prepared.n
+            self.requests -= 1
+            if not completed:  # the caller went away: abort the request in vLLM
+                await self.engine.abort(request_id)
+
+    def stats(self) -> dict[str, Any]:
+        """vLLM schedules internally: rows and requests in flight (its own metrics say more)."""
+        return {"running": self.rows, "requests": self.requests}
+
+    def placement(self) -> dict[str, str]:
+        return {"device": "cuda", "dtype": self.dtype}
+
+    @property
+    def alive(self) -> bool:
+        return not self.engine.errored
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
