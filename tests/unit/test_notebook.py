@@ -1,4 +1,7 @@
-"""The quickstart notebook is a valid notebook whose code cells compile (top-level await too)."""
+"""The stored notebooks: valid, without outputs, compiling, each starting and stopping its app.
+
+tests/integration/test_notebooks.py executes them; these checks need no kernel and no Ray.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +9,57 @@ import ast
 import json
 from pathlib import Path
 
-NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "quickstart.ipynb"
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
 
-def test_notebook_cells_compile() -> None:
-    nb = json.loads(NOTEBOOK.read_text())
+def code_cells(path: Path) -> list[dict]:
+    return [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+
+
+def test_the_notebooks_exist() -> None:
+    names = {p.name for p in NOTEBOOKS}
+    assert {"quickstart.ipynb", "embeddings.ipynb", "serving.ipynb"} <= names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_stored_without_outputs(path: Path) -> None:
+    nb = json.loads(path.read_text())
     assert nb["nbformat"] == 4
-    code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
-    assert len(code) >= 5
-    for src in code:
-        compile(src, "<cell>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
-    joined = "\n".join(code)
-    assert "build_app(" in joined and "get_deployment_handle(" in joined
+    for cell in code_cells(path):
+        assert cell["outputs"] == [], f"{path.name}: a cell is stored with outputs"
+        assert cell["execution_count"] is None, f"{path.name}: a cell has an execution count"
+        assert "execution" not in cell["metadata"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_cells_compile(path: Path) -> None:
+    for cell in code_cells(path):
+        source = "".join(cell["source"])
+        # IPython magics (%matplotlib inline) are not Python.
+        python = "\n".join(line for line in source.splitlines() if not line.startswith("%"))
+        compile(python, f"<{path.name}>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_starts_and_stops_its_own_app(path: Path) -> None:
+    sources = ["".join(c["source"]) for c in code_cells(path)]
+    assert "start_local(" in sources[0], "the first code cell starts the app"
+    assert sources[-1].strip() == "app.stop()", "the last code cell stops it"
+
+
+def test_quickstart_shows_build_app_and_handles() -> None:
+    cells = json.loads((REPO / "notebooks" / "quickstart.ipynb").read_text())["cells"]
+    assert any("serve.run(build_app(args)" in "".join(c["source"]) for c in cells)
+    joined = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    assert "get_deployment_handle(" in joined
+    assert ".result(" in joined and "await chat.chat.remote(" in joined
+    assert "options(stream=True).chat_stream.remote(" in joined
+
+
+def test_readme_links_every_notebook() -> None:
+    readme = (REPO / "README.md").read_text()
+    for path in NOTEBOOKS:
+        assert f"(notebooks/{path.name})" in readme, f"README does not link {path.name}"

@@ -52,6 +52,7 @@ def test_every_request_parameter_maps_onto_sampling_params() -> None:
     assert sampling_kwargs(p) == {
         "n": 3,
         "temperature": 0.7,
+        "top_k": -1,
         "top_p": 0.9,
         "seed": 42,
         "presence_penalty": 0.5,
@@ -64,8 +65,14 @@ def test_every_request_parameter_maps_onto_sampling_params() -> None:
 
 
 def test_greedy_and_top_p_zero_stay_within_vllms_ranges() -> None:
-    greedy = sampling_kwargs(prepared(temperature=0.0, top_p=0.3))
-    assert greedy["temperature"] == 0.0 and greedy["top_p"] == 1.0
+    greedy = sampling_kwargs(prepared(temperature=0.0, top_p=0.3, n=3))
+    # argmax, in a form vLLM accepts with n > 1 (it refuses temperature 0 there)
+    assert (greedy["temperature"], greedy["top_k"], greedy["top_p"], greedy["n"]) == (
+        1.0,
+        1,
+        1.0,
+        3,
+    )
     assert 0 < sampling_kwargs(prepared(top_p=0.0))["top_p"] < 1e-6
 
 

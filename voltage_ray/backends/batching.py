@@ -47,7 +47,7 @@ class Finished:
     tokens: list[int]
 
 
-Sink = Callable[[Any], None]  # receives list[StepEvent], then Finished, or an exception
+Sink = Callable[[Any], object]  # receives list[StepEvent], then Finished, or an exception
 
 
 @dataclass(eq=False)
@@ -97,7 +97,8 @@ class Batch:
         start = int(used[0]) if len(used) else self.mask.shape[1]
         if start:
             self.mask = self.mask[:, start:]
-            for layer in self.cache.layers:
+            layers: list[Any] = list(self.cache.layers)  # DynamicLayers (checked at start)
+            for layer in layers:
                 layer.keys = layer.keys[..., start:, :]
                 layer.values = layer.values[..., start:, :]
 

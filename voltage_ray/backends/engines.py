@@ -11,14 +11,14 @@ counts, the context check, usage and finish reasons agree whichever engine runs.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, Protocol
 
 from voltage_ray.backends.batching import BatchScheduler, Finished
 from voltage_ray.backends.chat import ChatEngine, Prepared, Prompter, StepEvent
 from voltage_ray.config import ChatSettings
 
-Events = AsyncIterator[list[StepEvent] | Finished]
+Events = AsyncGenerator[list[StepEvent] | Finished, None]
 
 
 class ChatBackend(Protocol):

@@ -36,11 +36,16 @@ def vllm_installed() -> bool:
 
 
 def sampling_kwargs(p: Prepared) -> dict[str, Any]:
-    """``SamplingParams`` keyword arguments for a prepared request (output kind added apart)."""
+    """``SamplingParams`` keyword arguments for a prepared request (output kind added apart).
+
+    Greedy is ``temperature 1, top_k 1`` (still the argmax): vLLM refuses ``temperature 0``
+    with ``n > 1``, which the transformers engine (and OpenAI) accept.
+    """
     greedy = p.temperature == 0
     return {
         "n": p.n,
-        "temperature": p.temperature,
+        "temperature": 1.0 if greedy else p.temperature,
+        "top_k": 1 if greedy else -1,
         "top_p": 1.0 if greedy else max(p.top_p, MIN_TOP_P),
         "seed": p.seed,
         "presence_penalty": p.presence_penalty,
@@ -128,9 +133,10 @@ class VLLMBackend:
         completed = False
         self.rows += prepared.n
         self.requests += 1
+        prompt = TokensPrompt(prompt_token_ids=prepared.input_ids)
+        outputs = self.engine.generate(prompt, params, request_id)
         try:
-            prompt = TokensPrompt(prompt_token_ids=prepared.input_ids)
-            async for out in self.engine.generate(prompt, params, request_id):
+            async for out in outputs:
                 events = []
                 for o in out.outputs:
                     used[o.index] += len(o.token_ids)
@@ -146,7 +152,8 @@ class VLLMBackend:
         finally:
             self.rows -= prepared.n
             self.requests -= 1
-            if not completed:  # the caller went away: abort the request in vLLM
+            if not completed:  # the caller went away: closing vLLM's stream aborts the request
+                await outputs.aclose()
                 await self.engine.abort(request_id)
 
     def stats(self) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from voltage_ray.protocol.common import Usage
 
 logger = logging.getLogger(__name__)
 
-BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
+BATCH_BOUNDARIES = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]
 EXPORT_PERIOD_S = 1.0
 
 
@@ -205,7 +205,6 @@ class ChatServer:
                 if ev.text:
                     yield chunk([ChunkChoice(index=ev.index, delta=Delta(content=ev.text))])
                 if ev.finish_reason is not None:
-                    done = ChunkChoice(
-                        index=ev.index, delta=Delta(), finish_reason=ev.finish_reason
-                    )  # type: ignore[arg-type]
+                    reason: Any = ev.finish_reason  # "stop" or "length"
+                    done = ChunkChoice(index=ev.index, delta=Delta(), finish_reason=reason)
                     yield chunk([done])
