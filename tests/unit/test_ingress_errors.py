@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
+from ray.exceptions import TaskCancelledError
 
 from voltage_ray.errors import BadRequest, RateLimited
 from voltage_ray.ingress import errors, sse
@@ -45,6 +47,10 @@ def make_app(stream: FakeStream) -> FastAPI:
     async def boom() -> None:
         raise RuntimeError("internal detail /secret/path")
 
+    @app.get("/gone")
+    async def gone() -> None:
+        raise TaskCancelledError()
+
     @app.get("/limited")
     async def limited() -> None:
         raise RateLimited(details={"retry_after": 3}, headers={"Retry-After": "3"})
@@ -74,6 +80,17 @@ async def test_unknown_exception_is_500_with_request_id_and_no_internals() -> No
     assert body["details"]["status"] == 500 and body["details"]["request_id"]
     assert r.headers["x-request-id"] == body["details"]["request_id"]
     assert "secret" not in r.text and "RuntimeError" not in r.text
+
+
+async def test_a_client_that_went_away_is_no_server_error_in_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO, logger=errors.logger.name):
+        r = await get(make_app(FakeStream([])), "/gone")
+    assert r.status_code == 500  # what Serve's cancelled task ends with; no client reads it
+    ours = [rec for rec in caplog.records if rec.name == errors.logger.name]
+    assert [rec.levelno for rec in ours] == [logging.INFO]
+    assert "the client went away" in ours[0].getMessage() and ours[0].exc_info is None
 
 
 async def test_error_headers_are_kept() -> None:

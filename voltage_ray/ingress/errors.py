@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from voltage_ray.errors import BadRequest, InternalError, VoltageError, unwrap
@@ -103,6 +104,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         rid = request_id(request)
+        if isinstance(unwrap(exc), TaskCancelledError):
+            # Serve cancelled the request's own task: its client went away (mid-stream, Serve's
+            # receive raises this). Nobody is left to answer, and it is no server fault.
+            logger.info("request %s to %s ended: the client went away", rid, request.url.path)
+            return error_response(InternalError(), request.url.path, rid)
         return error_response(to_voltage_error(exc, request.url.path, rid), request.url.path, rid)
 
 
