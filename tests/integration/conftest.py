@@ -110,6 +110,34 @@ class ServedApp:
             store.close()
 
 
+def wait_healthy(base_url: str, what: str, timeout_s: float = 600) -> None:
+    """Poll ``base_url``/health until it answers 200; a RuntimeError naming ``what`` past
+    ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base_url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{what} did not become healthy")
+
+
+def run_beside(
+    served: ServedApp, args: dict[str, Any], name: str, prefix: str, timeout_s: float = 600
+) -> str:
+    """Deploy another app on the session's cluster under ``prefix``; its base URL once healthy.
+    The caller deletes it (``serve.delete(name)``)."""
+    from ray import serve
+
+    from voltage_ray.app import build_app
+
+    serve.run(build_app(args), name=name, route_prefix=prefix, blocking=False)
+    wait_healthy(served.base_url + prefix, f"the {name} app", timeout_s)
+    return served.base_url + prefix
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
     import ray
@@ -139,14 +167,5 @@ def served(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Serve
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name="voltage", route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    else:
-        raise RuntimeError("the app did not become healthy")
+    wait_healthy(base, "the app")
     return ServedApp(base, key, tmp / "voltage.db", tmp / "plans.yaml", tmp, args)

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.conftest import ServedApp, small_deployment
+from tests.integration.conftest import ServedApp, run_beside, small_deployment
 
 APP = "voltage-tight"
 LIMITS = {
@@ -48,22 +48,9 @@ SLOW_CHAT = {
 def tight(served: ServedApp) -> Iterator[str]:
     from ray import serve
 
-    from voltage_ray.app import build_app
-
     models = [SLOW_CHAT, *(m for m in served.args["models"] if m["kind"] != "chat")]
     args: dict[str, Any] = {**served.args, "models": models, "request_limits": LIMITS}
-    serve.run(build_app(args), name=APP, route_prefix="/tight", blocking=False)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{served.base_url}/tight/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    else:
-        raise RuntimeError("the tight app did not become healthy")
-    yield served.base_url + "/tight"
+    yield run_beside(served, args, APP, "/tight")
     serve.delete(APP)
 
 

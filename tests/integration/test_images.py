@@ -18,7 +18,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import ServedApp
+from tests.integration.conftest import ServedApp, run_beside
 from voltage_ray.protocol.images import SIZES
 
 MODEL = "tiny-sd"
@@ -392,8 +392,6 @@ def short_ttl_app(served: ServedApp) -> Iterator[str]:
     """A second app on the same cluster: tiny-sd alone, URLs valid 2 s, a public base URL."""
     from ray import serve
 
-    from voltage_ray.app import build_app
-
     port = int(served.base_url.rsplit(":", 1)[1])
     public = f"http://localhost:{port}/ttl"
     # The same database, plans and limits: the cluster's limiter is shared by both apps.
@@ -402,17 +400,7 @@ def short_ttl_app(served: ServedApp) -> Iterator[str]:
         "models": [m for m in served.args["models"] if m["id"] == MODEL],
         "image_store": {"ttl_s": 2.0, "public_base_url": public},
     }
-    serve.run(build_app(args), name="voltage-ttl", route_prefix="/ttl", blocking=False)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{served.base_url}/ttl/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    else:
-        raise RuntimeError("the short-TTL app did not become healthy")
+    run_beside(served, args, "voltage-ttl", "/ttl", timeout_s=300)
     yield public
     serve.delete("voltage-ttl")
 
