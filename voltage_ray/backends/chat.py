@@ -117,18 +117,22 @@ class Prompter:
     check and stop handling are the same whichever engine generates.
     """
 
-    def __init__(self, location: str, settings: ChatSettings, model_config: Any = None) -> None:
+    def __init__(self, location: str, settings: ChatSettings, model: Any = None) -> None:
+        """``model``: the loaded transformers model, whose configs are then not read again."""
         self.tokenizer = AutoTokenizer.from_pretrained(location)
         if not self.tokenizer.chat_template:
             self.tokenizer.chat_template = FALLBACK_TEMPLATE
-        config = model_config or AutoConfig.from_pretrained(location)
+        config = model.config if model is not None else AutoConfig.from_pretrained(location)
         config_ctx = getattr(config, "max_position_embeddings", None) or 2048
         self.context_length = settings.max_context or settings.max_model_len or int(config_ctx)
         self.default_max_tokens = settings.default_max_tokens
-        try:
-            eos = GenerationConfig.from_pretrained(location).eos_token_id
-        except OSError:  # no generation_config.json: the model config's
-            eos = getattr(config, "eos_token_id", None)
+        if model is not None:
+            eos = model.generation_config.eos_token_id
+        else:
+            try:
+                eos = GenerationConfig.from_pretrained(location).eos_token_id
+            except OSError:  # no generation_config.json: the model config's
+                eos = getattr(config, "eos_token_id", None)
         eos_list = eos if isinstance(eos, list) else [eos]
         if self.tokenizer.eos_token_id is not None:
             eos_list.append(self.tokenizer.eos_token_id)
@@ -200,4 +204,4 @@ class ChatEngine(Prompter):
             dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
         self.model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, dtype))
         self.model.to(self.device).eval()
-        super().__init__(location, settings, self.model.config)
+        super().__init__(location, settings, self.model)
