@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from voltage_ray.backends.chat import Prepared
+from tests.unit.chat_requests import prepared
 from voltage_ray.backends.vllm_engine import (
     VLLMBackend,
     VLLMUnavailable,
@@ -20,22 +20,6 @@ from voltage_ray.backends.vllm_engine import (
 from voltage_ray.config import ChatSettings, ModelConfig
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
-
-
-def prepared(**kw: Any) -> Prepared:
-    base: dict[str, Any] = dict(
-        input_ids=[1, 2, 3],
-        max_tokens=7,
-        n=1,
-        temperature=1.0,
-        top_p=1.0,
-        presence_penalty=0.0,
-        frequency_penalty=0.0,
-        stop=[],
-        seed=None,
-    )
-    base.update(kw)
-    return Prepared(**base)
 
 
 def test_every_request_parameter_maps_onto_sampling_params() -> None:
@@ -81,8 +65,7 @@ def test_gpu_memory_utilization_follows_the_replica_share() -> None:
     assert gpu_memory_utilization(ChatSettings(), 1) == 0.9
     assert gpu_memory_utilization(ChatSettings(), 2) == 0.9  # tensor parallel: per GPU
     assert gpu_memory_utilization(ChatSettings(gpu_memory_utilization=0.3), 0.5) == 0.3
-    with pytest.raises(ValueError, match="exceeds the replica's GPU share"):
-        gpu_memory_utilization(ChatSettings(gpu_memory_utilization=0.6), 0.5)
+    # A fraction past the share is refused by the config (test_config_validates_...).
 
 
 def test_engine_args_carry_the_settings() -> None:

@@ -58,16 +58,11 @@ def sampling_kwargs(p: Prepared) -> dict[str, Any]:
 
 
 def gpu_memory_utilization(settings: ChatSettings, num_gpus: float) -> float:
-    """The configured fraction, else 0.9 of the replica's share of its GPU."""
-    share = min(num_gpus, 1.0)
+    """The configured fraction (ModelConfig checked it fits the share), else 0.9 of the
+    replica's share of its GPU."""
     if settings.gpu_memory_utilization is not None:
-        if settings.gpu_memory_utilization > share:
-            raise ValueError(
-                f"gpu_memory_utilization {settings.gpu_memory_utilization} exceeds the replica's "
-                f"GPU share (num_gpus {num_gpus})"
-            )
         return settings.gpu_memory_utilization
-    return round(SHARE_HEADROOM * share, 4)
+    return round(SHARE_HEADROOM * min(num_gpus, 1.0), 4)
 
 
 def engine_kwargs(location: str, settings: ChatSettings, num_gpus: float) -> dict[str, Any]:
