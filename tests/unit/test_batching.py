@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.unit.chat_requests import prepared
 from voltage_ray.backends.batching import BatchScheduler, Finished, Ticket, _Row, row_seed, sample
 from voltage_ray.backends.chat import ChatEngine, Prepared, RowDecoder
 from voltage_ray.protocol.chat import ChatCompletionRequest
@@ -19,22 +20,6 @@ from voltage_ray.protocol.chat import ChatCompletionRequest
 CACHE = Path(
     os.environ.get("VOLTAGE_TEST_CACHE", Path(tempfile.gettempdir()) / "voltage_test_cache")
 )
-
-
-def prepared(**kw: Any) -> Prepared:
-    base = dict(
-        input_ids=[1, 2],
-        max_tokens=4,
-        n=1,
-        temperature=1.0,
-        top_p=1.0,
-        presence_penalty=0.0,
-        frequency_penalty=0.0,
-        stop=[],
-        seed=None,
-    )
-    base.update(kw)
-    return Prepared(**base)  # type: ignore[arg-type]
 
 
 def row(seed: int | None = 0, **kw: Any) -> _Row:
