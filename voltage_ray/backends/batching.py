@@ -102,6 +102,16 @@ class Batch:
                 layer.keys = layer.keys[..., start:, :]
                 layer.values = layer.values[..., start:, :]
 
+    def keep(self, keep: list[int]) -> Batch | None:
+        """This batch with only rows ``keep`` (itself when all stay), or None when none does
+        (emptied in place, so a reader of the running batch sees no rows at once)."""
+        if not keep:
+            self.rows = []
+            return None
+        if len(keep) < len(self.rows):
+            self.select(keep)
+        return self
+
     def merge(self, other: Batch) -> None:
         """Append ``other``'s rows, left padding whichever cache is shorter."""
         width = max(self.mask.shape[1], other.mask.shape[1])
@@ -307,14 +317,9 @@ class BatchScheduler:
             self.cancelled += len(gone)
             lag = max(self.steps - t.cancel_step for t in gone)
             self.max_eviction_lag = max(self.max_eviction_lag, lag)
-            self._keep([i for i, r in enumerate(self.batch.rows) if not r.ticket.cancelled])
-
-    def _keep(self, keep: list[int]) -> None:
-        assert self.batch is not None
-        if not keep:
-            self.batch = None
-        elif len(keep) < len(self.batch):
-            self.batch.select(keep)
+            self.batch = self.batch.keep(
+                [i for i, r in enumerate(self.batch.rows) if not r.ticket.cancelled]
+            )
 
     def _admit(self) -> _Prefill | None:
         """Waiting requests, oldest first, within the free rows and the prefill token budget."""
@@ -391,13 +396,13 @@ class BatchScheduler:
             counts,
             torch.zeros(len(rows), dtype=torch.long, device=self.device),
         )
-        self._advance(new, logits[index])
-        if not new.rows:
+        joining = self._advance(new, logits[index])
+        if joining is None:
             return
         if self.batch is None:
-            self.batch = new
+            self.batch = joining
         else:
-            self.batch.merge(new)
+            self.batch.merge(joining)
 
     def _row(self, t: Ticket, choice: int) -> _Row:
         p = t.prepared
@@ -425,12 +430,11 @@ class BatchScheduler:
         self.batch_sizes[len(b)] += 1
         if self.on_step is not None:
             self.on_step(len(b))
-        self._advance(b, out.logits[:, -1, :])
-        if not b.rows:
-            self.batch = None
+        self.batch = self._advance(b, out.logits[:, -1, :])
 
-    def _advance(self, b: Batch, logits: torch.Tensor) -> None:
-        """Sample one token per row, hand out text, and evict the rows that finished."""
+    def _advance(self, b: Batch, logits: torch.Tensor) -> Batch | None:
+        """Sample one token per row, hand out text, and evict the rows that finished: the batch
+        of the rows that go on, or None."""
         tokens = sample(logits, b.rows, b.counts)
         b.counts[torch.arange(len(b.rows), device=b.counts.device), tokens] += 1
         b.last = tokens.to(b.last.device)
@@ -450,15 +454,12 @@ class BatchScheduler:
             row.ticket.live_rows -= 1
             if row.ticket.live_rows == 0:
                 finished.append(row.ticket)
+        going_on = b.keep(keep)  # evicted first: a caller told Finished sees its rows gone
         for ticket, evs in events.items():
             ticket.sink(evs)
         for ticket in finished:
             ticket.sink(Finished(list(ticket.used)))
-        if len(keep) < len(b.rows):
-            if keep:
-                b.select(keep)
-            else:
-                b.rows = []
+        return going_on
 
     def _fail_all(self, exc: Exception) -> None:
         tickets: set[Ticket] = set()
