@@ -43,21 +43,10 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import free_port
+from tests.gpu.cluster import CUDA, ON_CPU, REQUIRE_CUDA, init_ray
+from tests.integration.conftest import free_port, wait_healthy
 
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
-
-
-ON_CPU = os.environ.get("VOLTAGE_GPU_CHECK_ON_CPU") == "1"
-REQUIRE_CUDA = os.environ.get("VOLTAGE_GPU_CHECK_REQUIRE_CUDA") == "1"  # scripts/gpu_check
 REQUIRE_VLLM = os.environ.get("VOLTAGE_GPU_CHECK_REQUIRE_VLLM") == "1"
-CUDA = _cuda_available()
 VLLM = importlib.util.find_spec("vllm") is not None
 WITH_VLLM = VLLM and CUDA  # the app serves the vllm model only where it can start
 
@@ -204,7 +193,6 @@ def _app_state() -> str:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EnginesApp]:
-    import httpx
     import ray
     from ray import serve
     from transformers import AutoConfig, AutoTokenizer
@@ -237,37 +225,13 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EnginesApp]:
 
     own_ray = not ray.is_initialized()
     if own_ray:
-        gpus = 1  # a CPU rehearsal: Ray schedules the GPU asks on one logical GPU
-        if CUDA:
-            import torch
-
-            gpus = torch.cuda.device_count()
-        ray.init(
-            address="local",
-            num_cpus=8,
-            num_gpus=gpus,
-            object_store_memory=1 << 30,
-            include_dashboard=False,
-            log_to_driver=True,
-        )
+        init_ray()
     try:
         asked = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": asked})
         base = f"http://127.0.0.1:{_http_port(asked)}{PREFIX}"
         serve.run(build_app(args), name=APP, route_prefix=PREFIX, blocking=False)
-        deadline = time.monotonic() + HEALTHY_WITHIN_S
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"the engines app was not healthy within {HEALTHY_WITHIN_S:.0f} s:\n"
-                    + _app_state()
-                )
-            time.sleep(0.5)
+        wait_healthy(base, "the engines app", HEALTHY_WITHIN_S, _app_state)
         print(f"[gpu-check] engines app healthy {time.monotonic() - started:.1f} s after the start")
         yield EnginesApp(base, key, args, tokenizer)
     finally:

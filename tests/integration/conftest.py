@@ -6,7 +6,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,9 +110,11 @@ class ServedApp:
             store.close()
 
 
-def wait_healthy(base_url: str, what: str, timeout_s: float = 600) -> None:
-    """Poll ``base_url``/health until it answers 200; a RuntimeError naming ``what`` past
-    ``timeout_s``."""
+def wait_healthy(
+    base_url: str, what: str, timeout_s: float = 600, state: Callable[[], str] | None = None
+) -> None:
+    """Poll ``base_url``/health until it answers 200; past ``timeout_s`` a RuntimeError naming
+    ``what`` (and ``state()``, when given)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -121,7 +123,8 @@ def wait_healthy(base_url: str, what: str, timeout_s: float = 600) -> None:
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"{what} did not become healthy")
+    detail = f":\n{state()}" if state is not None else ""
+    raise RuntimeError(f"{what} did not become healthy within {timeout_s:.0f} s{detail}")
 
 
 def run_beside(
