@@ -22,8 +22,8 @@ compute processes or, where it lists none, that process's GPU assignment and CUD
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
-import os
 import shutil
 import subprocess
 import time
@@ -34,20 +34,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import REPO, free_port
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
-
-
-ON_CPU = os.environ.get("VOLTAGE_GPU_CHECK_ON_CPU") == "1"
-REQUIRE_CUDA = os.environ.get("VOLTAGE_GPU_CHECK_REQUIRE_CUDA") == "1"  # scripts/gpu_check
-CUDA = _cuda_available()
+from tests.gpu.cluster import CUDA, ON_CPU, REQUIRE_CUDA, init_ray
+from tests.integration.conftest import REPO, free_port, wait_healthy
 
 pytestmark = pytest.mark.skipif(
     not (CUDA or ON_CPU or REQUIRE_CUDA),
@@ -158,6 +146,13 @@ def gpu_profile_args(tmp: Path, embeddings_dir: Path) -> dict[str, Any]:
             deployment["autoscaling_config"].pop("initial_replicas", None)
         options = deployment["ray_actor_options"]
         options["num_gpus"] = round(asks[m["kind"]] * scale, 4)
+        if m["kind"] == "chat" and importlib.util.find_spec("vllm") is None:
+            # gpu.yaml's chat runs on vLLM; where it is not installed (the device image), the
+            # profile's other settings are checked on the transformers engine, and
+            # test_gpu_engines.py checks both engines.
+            m["chat"]["engine"] = "transformers"
+            for vllm_only in ("max_model_len", "enable_prefix_caching"):
+                m["chat"].pop(vllm_only, None)
     ingress = args.setdefault("ingress", {}).setdefault("deployment", {})
     if "autoscaling_config" in ingress:
         ingress["autoscaling_config"].update(min_replicas=1, max_replicas=1)
@@ -198,7 +193,6 @@ class GpuApp:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpuApp]:
-    import httpx
     import ray
     from ray import serve
 
@@ -217,19 +211,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpuApp]:
     key = store.create("test", "gpu-check")[1]
     store.close()
 
-    gpus = 1  # a CPU rehearsal: Ray schedules the asks on one logical GPU
-    if CUDA:
-        import torch
-
-        gpus = torch.cuda.device_count()
-    ray.init(
-        address="local",
-        num_cpus=8,
-        num_gpus=gpus,
-        object_store_memory=1 << 30,  # small: a VM's /dev/shm may be
-        include_dashboard=False,
-        log_to_driver=True,
-    )
+    init_ray()
     try:
         total = float(ray.cluster_resources().get("GPU", 0.0))
         free_before = float(ray.available_resources().get("GPU", 0.0))
@@ -237,16 +219,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpuApp]:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(args), name=APP, route_prefix="/", blocking=False)
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + HEALTHY_WITHIN_S
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the app was not healthy within {HEALTHY_WITHIN_S:.0f} s")
-            time.sleep(0.5)
+        wait_healthy(base, "the app", HEALTHY_WITHIN_S)
         print(f"[gpu-check] app healthy {time.monotonic() - started:.1f} s after the start")
         yield GpuApp(base, key, args, total, free_before)
     finally:
