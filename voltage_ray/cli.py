@@ -4,7 +4,7 @@ voltage-ray keys create --plan free --name alice   # prints the key once, as the
 voltage-ray keys list
 voltage-ray keys revoke KEY_OR_ID
 voltage-ray usage [KEY_OR_ID]                      # this month's usage against each limit
-voltage-ray serve [--config serve_config.yaml]     # `serve run` with this box's defaults
+voltage-ray serve [--config serve_config.yaml] [--metrics-port 8080]  # `serve run`, tuned
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import shutil
+import signal
 import sys
+import time
 from collections.abc import Sequence
 
 from voltage_ray.config import FAST_PROXY_ENV, default_db_path, default_plans_path
@@ -22,6 +23,9 @@ from voltage_ray.limits.plans import Plan, load_plans
 
 # Environment defaults for `voltage-ray serve` (explicit values in the environment win): Serve's
 # fast path for any config, with streaming, composition and errors all working.
+DEFAULT_METRICS_PORT = 8080
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
+DRAIN_POLL_S = 0.2
 SERVE_ENV_DEFAULTS = {
     **FAST_PROXY_ENV,
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -85,7 +89,6 @@ def _of(used: int, limit: int | None) -> str:
 
 def cmd_usage(args: argparse.Namespace) -> int:
     """This period's usage per key, from the database (the limiter writes it every <= 1 s)."""
-    import time
 
     from voltage_ray.limits import quota, usage
 
@@ -129,12 +132,82 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """`serve run CONFIG` in this process, on a Ray started here with a fixed metrics port.
+
+    Without ``--address`` (or RAY_ADDRESS) it starts a local Ray whose Prometheus endpoint is
+    ``--metrics-port``; with one, it joins that cluster, whose nodes export metrics on the port
+    their ``ray start --metrics-export-port`` chose. SIGTERM (and Ctrl-C) shut Serve down
+    gracefully: each replica finishes its requests in flight (up to its
+    ``graceful_shutdown_timeout_s``), the ingress delivers pending usage to the limiter and the
+    limiter writes it, then Ray stops.
+    """
     for name, value in SERVE_ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    serve_bin = shutil.which("serve") or os.path.join(os.path.dirname(sys.executable), "serve")
-    argv = [serve_bin, "run", args.config, *args.serve_args]
-    os.execv(serve_bin, argv)
-    return 0  # not reached
+    import ray
+    from ray.serve._private.constants import SERVE_NAMESPACE
+    from ray.serve.scripts import run as serve_run
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address in (None, "", "local"):
+        ray.init(
+            address="local",
+            namespace=SERVE_NAMESPACE,
+            _metrics_export_port=args.metrics_port,
+            include_dashboard=False if args.no_dashboard else None,
+        )
+        print(f"voltage-ray: Prometheus metrics on http://127.0.0.1:{args.metrics_port}/metrics")
+    else:
+        ray.init(address=address, namespace=SERVE_NAMESPACE)
+        print(
+            f"voltage-ray: joined the Ray cluster at {address}; its nodes export metrics on the "
+            "port of their `ray start --metrics-export-port`",
+            file=sys.stderr,
+        )
+
+    # Ray's own SIGTERM handler exits at once, cutting requests in flight; `serve run` shuts
+    # Serve down on KeyboardInterrupt. Drain first, then let it.
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the drain
+        drain(args.drain_timeout_s)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = 0
+    try:
+        serve_run.main(args=[args.config, *args.serve_args], standalone_mode=False)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    ray.shutdown()
+    print("voltage-ray: stopped", file=sys.stderr)
+    return code
+
+
+def drain(timeout_s: float) -> None:
+    """Refuse new requests (503 with Retry-After), wait up to ``timeout_s`` for the requests and
+    streams in flight to finish, then have the limiter write usage. Requests still running after
+    that are cut by Serve's shutdown."""
+    import ray
+
+    from voltage_ray.limits.limiter import ACTOR_NAME, NAMESPACE
+
+    started = time.monotonic()
+    try:
+        limiter = ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)
+        in_flight = ray.get(limiter.drain.remote(), timeout=10)
+        print(f"voltage-ray: draining {in_flight} request(s) in flight", file=sys.stderr)
+        while in_flight and time.monotonic() - started < timeout_s:
+            time.sleep(DRAIN_POLL_S)
+            in_flight = ray.get(limiter.in_flight.remote(), timeout=10)
+        ray.get(limiter.flush.remote(), timeout=30)
+    except Exception as exc:  # no limiter (limits disabled) or it is gone: nothing to wait for
+        print(f"voltage-ray: drain skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return
+    left = f", {in_flight} cut" if in_flight else ""
+    print(
+        f"voltage-ray: drained in {time.monotonic() - started:.1f} s{left}; usage written",
+        file=sys.stderr,
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -167,6 +240,24 @@ def parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="start the service (serve run CONFIG)")
     serve.add_argument("--config", default="serve_config.yaml")
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("VOLTAGE_METRICS_PORT", DEFAULT_METRICS_PORT)),
+        help="Prometheus endpoint of the Ray started here (default 8080, $VOLTAGE_METRICS_PORT)",
+    )
+    serve.add_argument(
+        "--address", help="join this Ray cluster instead of starting one ($RAY_ADDRESS)"
+    )
+    serve.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        default=DEFAULT_DRAIN_TIMEOUT_S,
+        help="on SIGTERM/Ctrl-C, how long requests in flight may finish (default 30)",
+    )
+    serve.add_argument(
+        "--no-dashboard", action="store_true", help="skip Ray's dashboard (port 8265)"
+    )
     serve.set_defaults(func=cmd_serve)
     return p
 

@@ -256,6 +256,25 @@ class ModelConfig(_Strict):
         "Hub sources are not checked.",
     )
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    retries: int = Field(
+        default=2,
+        ge=0,
+        le=10,
+        description="Tries more on another replica when a call fails because its replica died or "
+        "became unreachable (never after a 4xx, nor once a stream has sent a token), within the "
+        "request's deadline.",
+    )
+    replica_wait_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="How long a try waits for a model with no running replica to get one back "
+        "(Serve restarts failed replicas) before it counts as failed.",
+    )
+    fallbacks: list[str] = Field(
+        default_factory=list,
+        description="Ids of other models of the same kind, tried in order when this model's own "
+        "replicas failed (failover; `fallback` is about a missing source at deploy).",
+    )
     chat: ChatSettings | None = Field(default=None, description="Settings for kind=chat.")
     embeddings: EmbeddingSettings | None = Field(default=None, description="kind=embeddings.")
     images: ImageSettings | None = Field(default=None, description="Settings for kind=images.")
@@ -414,6 +433,15 @@ class AppConfig(_Strict):
                         f"model name {name!r} is used by both {seen[name]!r} and {m.id!r}"
                     )
                 seen[name] = m.id
+        by_id = {m.id: m for m in self.models}
+        for m in self.models:
+            for other in m.fallbacks:
+                target = by_id.get(other)
+                if target is None or other == m.id or target.kind != m.kind:
+                    raise ValueError(
+                        f"model {m.id!r}: fallback {other!r} must be the id of another "
+                        f"{m.kind} model in this config"
+                    )
         return self
 
     def resolve_paths(self) -> AppConfig:

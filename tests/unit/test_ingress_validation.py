@@ -16,10 +16,12 @@ from fastapi import FastAPI
 from voltage_ray.errors import NotFound
 from voltage_ray.ingress import deps
 from voltage_ray.ingress.api import create_api
+from voltage_ray.metrics import IngressMetrics
 
 
 class FakeIngress:
     config = SimpleNamespace(request_limits=SimpleNamespace(max_body_bytes=1 << 20))
+    metrics = IngressMetrics()
 
     def resolve(self, name: str, kind: str) -> Any:
         raise NotFound(f"validated: {kind}")

@@ -210,6 +210,7 @@ class BatchScheduler:
         max_num_seqs: int,
         max_prefill_tokens: int,
         on_step: Callable[[int], None] | None = None,
+        on_admit: Callable[[float], None] | None = None,
     ) -> None:
         self.model = model
         self.decode = decode
@@ -217,6 +218,7 @@ class BatchScheduler:
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
         self.on_step = on_step
+        self.on_admit = on_admit  # hears how long each admitted request waited for a row
         self.device = model.device
         self.vocab = int(model.get_output_embeddings().weight.shape[0])
         # transformers 5.x names the forward's cache argument ``cache``; 4.x ``past_key_values``.
@@ -338,6 +340,10 @@ class BatchScheduler:
                 chosen.append(self.waiting.popleft())
         if not chosen:
             return None
+        if self.on_admit is not None:
+            now = time.monotonic()
+            for t in chosen:
+                self.on_admit(now - t.submitted)
         width = max(t.prepared.prompt_tokens for t in chosen)
         ids = torch.full((len(chosen), width), 0, dtype=torch.long)
         mask = torch.zeros((len(chosen), width), dtype=torch.long)

@@ -51,7 +51,11 @@ class TransformersBackend:
     name = "transformers"
 
     def __init__(
-        self, location: str, settings: ChatSettings, on_step: Callable[[int], None] | None = None
+        self,
+        location: str,
+        settings: ChatSettings,
+        on_step: Callable[[int], None] | None = None,
+        on_admit: Callable[[float], None] | None = None,
     ) -> None:
         self.engine = ChatEngine(location, settings)
         self.prompter: Prompter = self.engine
@@ -62,6 +66,7 @@ class TransformersBackend:
             max_num_seqs=settings.max_num_seqs,
             max_prefill_tokens=settings.max_prefill_tokens,
             on_step=on_step,
+            on_admit=on_admit,
         )
 
     async def stream(self, prepared: Prepared) -> Events:
@@ -103,10 +108,13 @@ def build_backend(
     settings: ChatSettings,
     num_gpus: float,
     on_step: Callable[[int], None] | None = None,
+    on_admit: Callable[[float], None] | None = None,
 ) -> ChatBackend:
-    """The engine ``settings.engine`` names, loaded from ``location``."""
+    """The engine ``settings.engine`` names, loaded from ``location``. ``on_step`` hears each
+    decode step's batch size and ``on_admit`` each request's wait for a row (transformers; vLLM
+    reports both in its own metrics)."""
     if settings.engine == "vllm":
         from voltage_ray.backends.vllm_engine import VLLMBackend
 
         return VLLMBackend(location, settings, num_gpus)
-    return TransformersBackend(location, settings, on_step)
+    return TransformersBackend(location, settings, on_step, on_admit)

@@ -16,6 +16,7 @@ import io
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -53,6 +54,7 @@ class Job:
     seeds: list[int]
     output_format: OutputFormat = "png"
     cancel: threading.Event = field(default_factory=threading.Event)
+    created: float = field(default_factory=time.monotonic)  # arrival, for the queue wait
 
     @property
     def n(self) -> int:

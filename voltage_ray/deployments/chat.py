@@ -22,6 +22,7 @@ from voltage_ray.backends.chat import Prepared, StepEvent
 from voltage_ray.backends.engines import build_backend
 from voltage_ray.backends.sources import materialize
 from voltage_ray.config import ModelConfig
+from voltage_ray.metrics import ReplicaMetrics
 from voltage_ray.protocol.chat import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -37,7 +38,6 @@ from voltage_ray.protocol.common import Usage
 
 logger = logging.getLogger(__name__)
 
-BATCH_BOUNDARIES = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]
 EXPORT_PERIOD_S = 1.0
 
 
@@ -50,12 +50,7 @@ class ChatServer:
         assert settings is not None
         location = materialize(self.config.source, Path(cache_dir))
         self._exported_at = 0.0
-        batch_metric = metrics.Histogram(
-            "voltage_chat_batch_size",
-            description="Rows decoded together in one step of a chat replica.",
-            boundaries=BATCH_BOUNDARIES,
-            tag_keys=("model",),
-        )
+        self.metrics = ReplicaMetrics(self.config.id, "chat")
         self._running = metrics.Gauge(
             "voltage_chat_running_rows", description="Rows decoding.", tag_keys=("model",)
         )
@@ -68,7 +63,8 @@ class ChatServer:
             location,
             settings,
             self.config.deployment.ray_actor_options.num_gpus,
-            on_step=lambda size: self._on_step(size, batch_metric),
+            on_step=self._on_step,
+            on_admit=self.metrics.waited,
         )
         self.prompter = self.backend.prompter
         self._stats = {"generations": 0, "cancelled": 0, "active": 0}
@@ -91,10 +87,10 @@ class ChatServer:
         if backend is not None:
             backend.shutdown()
 
-    def _on_step(self, size: int, batch_metric: metrics.Histogram) -> None:
+    def _on_step(self, size: int) -> None:
         """On the scheduler thread after each decode step: the batch size, and the gauges at
         most every EXPORT_PERIOD_S (each request's end also sets them)."""
-        batch_metric.observe(size, tags={"model": self.config.id})
+        self.metrics.batch(size)
         if time.monotonic() - self._exported_at >= EXPORT_PERIOD_S:
             self._export(self.backend.stats())
 

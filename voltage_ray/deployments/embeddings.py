@@ -11,7 +11,7 @@ wait; under load batches fill up while the model works.
 
 Batch size and wait come from the model's :class:`EmbeddingSettings`; ``reconfigure(user_config)``
 changes them (and ``truncate``, ``torch_threads``) on running replicas. ``batch_stats()`` reports
-the realized encode batch sizes (also the ``voltage_embeddings_batch_size`` metric and a periodic
+the realized encode batch sizes (also the ``voltage_batch_size`` metric and a periodic
 log line); Serve's ``serve_actual_batch_size`` metric shows the batcher's own batches.
 """
 
@@ -29,12 +29,12 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 from ray import serve
-from ray.util import metrics
 
 from voltage_ray.backends.embeddings import EncoderProcess, fit_dimensions
 from voltage_ray.backends.sources import materialize
 from voltage_ray.config import EmbeddingSettings, ModelConfig
 from voltage_ray.errors import InternalError, VoltageError
+from voltage_ray.metrics import ReplicaMetrics
 from voltage_ray.protocol.embeddings import EmbeddingRequest, EmbeddingResponse, build_response
 
 # Serve routes its own logger to the replica log (with the replica id); a module logger would
@@ -48,7 +48,7 @@ INLINE_TOKENIZE_CHARS = 20_000
 STATS_WINDOW = 1000
 SUMMARY_LOG_S = 30.0
 PIPELINE_DEPTH = 2  # encodes in flight at most: see EncodeLoop
-Chunk = tuple[list[str], "asyncio.Future[np.ndarray]"]  # texts and the future of their rows
+Chunk = tuple[list[str], "asyncio.Future[np.ndarray]", float]  # texts, their rows, enqueued at
 SIZE_BOUNDARIES = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]
 
 
@@ -61,18 +61,13 @@ class BatchStats:
         self.recent: deque[int] = deque(maxlen=STATS_WINDOW)
         self._logged_at = time.monotonic()
         self._since_log: list[int] = []
-        self._metric = metrics.Histogram(
-            "voltage_embeddings_batch_size",
-            description="Inputs per encode call of an embeddings replica.",
-            boundaries=SIZE_BOUNDARIES,
-            tag_keys=("model",),
-        )
+        self.metrics = ReplicaMetrics(model_id, "embeddings")
 
     def record(self, size: int) -> None:
         self.sizes[size] += 1
         self.recent.append(size)
         self._since_log.append(size)
-        self._metric.observe(size, tags={"model": self.model_id})
+        self.metrics.batch(size)
         now = time.monotonic()
         if now - self._logged_at >= SUMMARY_LOG_S:
             n = len(self._since_log)
@@ -110,10 +105,12 @@ class EncodeLoop:
         encode: Callable[[list[str]], Awaitable[np.ndarray]],
         max_batch_size: int,
         on_batch: Callable[[int], None],
+        on_wait: Callable[[float], None] | None = None,
     ) -> None:
         self.encode = encode
         self.max_batch_size = max_batch_size
         self.on_batch = on_batch
+        self.on_wait = on_wait  # hears how long each chunk waited for its encode
         self._busy_s = 0.0
         self._pending: deque[Chunk] = deque()
         self._queued = 0  # inputs in _pending
@@ -127,7 +124,7 @@ class EncodeLoop:
         """A future of the embeddings of ``texts``, encoded together with whatever else waits."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[np.ndarray] = loop.create_future()
-        self._pending.append((texts, future))
+        self._pending.append((texts, future, time.monotonic()))
         self._queued += len(texts)
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._run())
@@ -144,11 +141,11 @@ class EncodeLoop:
         group: list[Chunk] = []
         size = 0
         while self._pending:
-            texts, future = self._pending[0]
+            texts, future, enqueued = self._pending[0]
             if group and size + len(texts) > self.max_batch_size:
                 break
             self._pending.popleft()
-            group.append((texts, future))
+            group.append((texts, future, enqueued))
             size += len(texts)
         self._queued -= size
         return group
@@ -182,16 +179,20 @@ class EncodeLoop:
         self._wake.set()
 
     async def _encode_group(self, group: list[Chunk]) -> None:
-        texts = [t for chunk, _ in group for t in chunk]
+        texts = [t for chunk, _, _ in group for t in chunk]
         self.on_batch(len(texts))
+        if self.on_wait is not None:
+            now = time.monotonic()
+            for _, _, enqueued in group:
+                self.on_wait(now - enqueued)
         try:
             vectors = await self.encode(texts)
         except Exception as exc:
-            for _, future in group:
+            for _, future, _ in group:
                 future.set_exception(exc)
             return
         start = 0
-        for chunk, future in group:
+        for chunk, future, _ in group:
             future.set_result(vectors[start : start + len(chunk)])
             start += len(chunk)
 
@@ -210,7 +211,12 @@ class EmbeddingServer:
         self.limits = self.encoder.limits
         self.stats = BatchStats(self.config.id)
         self.shared_calls = self.shared_requests = 0  # embed_many calls, and their requests
-        self.loop = EncodeLoop(self._encode, self.settings.max_batch_size, self.stats.record)
+        self.loop = EncodeLoop(
+            self._encode,
+            self.settings.max_batch_size,
+            self.stats.record,
+            on_wait=self.stats.metrics.waited,
+        )
         self._apply(self.settings)
         logger.info(
             "embeddings model %s ready (width %d, %d tokens per input, %d torch threads)",

@@ -38,6 +38,7 @@ from voltage_ray.backends.images import (
 )
 from voltage_ray.backends.sources import materialize
 from voltage_ray.config import ImageSettings, ModelConfig
+from voltage_ray.metrics import ReplicaMetrics
 from voltage_ray.protocol.images import ImageGenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -101,10 +102,12 @@ class GroupLoop:
         run: Callable[[Sequence[Job]], list[Outcome]],
         max_pixels: int,
         stats: ImageStats,
+        metrics: ReplicaMetrics | None = None,
     ) -> None:
         self.run = run
         self.max_pixels = max_pixels
         self.stats = stats
+        self.metrics = metrics
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self._pending: list[tuple[Job, asyncio.Future[Outcome]]] = []
         self._wake = asyncio.Event()
@@ -145,6 +148,11 @@ class GroupLoop:
             while group := self._take():
                 jobs = [job for job, _ in group]
                 start = time.perf_counter()
+                if self.metrics is not None:
+                    now = time.monotonic()
+                    for job in jobs:
+                        self.metrics.waited(now - job.created)
+                    self.metrics.batch(sum(job.n for job in jobs))
                 self.running = describe(jobs)
                 try:
                     outcomes = await loop.run_in_executor(self.executor, self.run, jobs)
@@ -174,7 +182,12 @@ class ImageServer:
         location = materialize(self.config.source, Path(cache_dir))
         self.engine = ImageEngine(location, self.settings)
         self.counters = ImageStats()
-        self.loop = GroupLoop(self.engine.run, self.settings.max_pixels_per_call, self.counters)
+        self.loop = GroupLoop(
+            self.engine.run,
+            self.settings.max_pixels_per_call,
+            self.counters,
+            ReplicaMetrics(self.config.id, "images"),
+        )
         self._apply(self.settings)
         logger.info("images model %s ready: %s", self.config.id, self.engine.info())
 

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from voltage_ray import __version__
 from voltage_ray.ingress import chat, embeddings, errors, images, models
 from voltage_ray.ingress.guards import BodySizeLimit
+from voltage_ray.ingress.observe import RequestMetrics
 
 if TYPE_CHECKING:
     from voltage_ray.ingress.deployment import Ingress
@@ -26,6 +27,7 @@ def create_api(ingress: Ingress) -> FastAPI:
     app.state.ingress = ingress
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=ingress.config.request_limits.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=ingress.metrics)  # outermost: counts 413s too
     app.include_router(models.health_router)
     for prefix in PREFIXES:
         app.include_router(chat.router, prefix=prefix)

@@ -14,17 +14,26 @@ from fastapi import FastAPI, Request
 from ray import serve
 
 from voltage_ray.config import AppConfig, EmbeddingSettings, ModelConfig, ModelKind
-from voltage_ray.errors import NotFound, Unauthorized
+from voltage_ray.errors import (
+    Forbidden,
+    NotFound,
+    QuotaExceeded,
+    RateLimited,
+    Unauthorized,
+    VoltageError,
+)
 from voltage_ray.ingress.api import create_api
 from voltage_ray.ingress.auth import presented_key
 from voltage_ray.ingress.coalesce import Coalescer
 from voltage_ray.limits.client import LimiterClient, get_or_create_limiter
 from voltage_ray.limits.limiter import Grant, Principal
+from voltage_ray.metrics import IngressMetrics
 
 logger = logging.getLogger(__name__)
 
 READY_STATES = frozenset({"HEALTHY", "UPSCALING", "DOWNSCALING"})
 STATUS_CACHE_S = 1.0
+ROUTABLE_POLL_S = 0.25  # how often a try waiting for a replica asks Serve again
 INPUTS_PER_SHARED_CALL = 256  # embeddings inputs one shared call carries at most
 
 
@@ -57,6 +66,8 @@ class Ingress:
         self.by_name: dict[str, ModelConfig] = {
             name: m for m in self.config.models for name in m.names
         }
+        self.by_id: dict[str, ModelConfig] = {m.id: m for m in self.config.models}
+        self.metrics = IngressMetrics()
         assert self.config.database and self.config.plans
         self.limits = self.config.limits
         options = self.limits.model_dump(include={"flush_interval_s", "reservation_ttl_s"})
@@ -66,7 +77,8 @@ class Ingress:
             timeout_s=self.limits.timeout_s,
         )
         await self.limiter.call("configure", *limiter_args, timeout_s=60)
-        self._status_cache: tuple[float, dict[str, bool]] | None = None
+        self._status_cache: tuple[float, dict[str, tuple[bool, int]]] | None = None
+        self._status_refresh: asyncio.Task[dict[str, tuple[bool, int]]] | None = None
         self._coalescers: dict[str, Coalescer] = {}
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -94,7 +106,13 @@ class Ingress:
             return Ticket(principal, endpoint, model, tokens, images)
         config = self.by_name.get(model)
         names = tuple(config.names) if config else (model,)
-        grant = await self.limiter.admit(principal.key_id, names, tokens, images)
+        try:
+            grant = await self.limiter.admit(principal.key_id, names, tokens, images)
+        except (RateLimited, QuotaExceeded, Forbidden) as refused:
+            self.metrics.rejections.inc(
+                tags={"reason": rejection_reason(refused), "plan": principal.plan}
+            )
+            raise
         return Ticket(principal, endpoint, model, tokens, images, grant.headers, grant=grant)
 
     async def settle(self, ticket: Ticket, *, tokens: int = 0, images: int = 0) -> None:
@@ -159,17 +177,61 @@ class Ingress:
         return next((m for m in self.config.models if m.kind == kind), None)
 
     async def readiness(self) -> dict[str, bool]:
-        """Per model id: does its deployment have a running replica? (Serve's own view.)"""
+        """Per model id: is its deployment healthy with a running replica? (Serve's view.)"""
+        return {model_id: ready for model_id, (ready, _) in (await self._status()).items()}
+
+    async def _status(self) -> dict[str, tuple[bool, int]]:
+        """Per model id: (healthy, running replicas), at most STATUS_CACHE_S old; concurrent
+        callers share one refresh."""
         now = time.monotonic()
         if self._status_cache and now - self._status_cache[0] < STATUS_CACHE_S:
             return self._status_cache[1]
+        if self._status_refresh is None or self._status_refresh.done():
+            self._status_refresh = asyncio.create_task(self._read_status())
+        return await asyncio.shield(self._status_refresh)
+
+    async def _read_status(self) -> dict[str, tuple[bool, int]]:
         app_name = serve.get_replica_context().app_name
         status = await asyncio.to_thread(serve.status)
         app = status.applications.get(app_name)
-        ready: dict[str, bool] = {}
+        found: dict[str, tuple[bool, int]] = {}
         for model in self.config.models:
             dep = app.deployments.get(self.deployment_names[model.id]) if app else None
             running = dep.replica_states.get("RUNNING", 0) if dep else 0
-            ready[model.id] = bool(dep and dep.status in READY_STATES and running > 0)
-        self._status_cache = (now, ready)
-        return ready
+            found[model.id] = (bool(dep and dep.status in READY_STATES and running > 0), running)
+        self._status_cache = (time.monotonic(), found)
+        return found
+
+    def forget_readiness(self) -> None:
+        """After a replica failed: the next readiness() asks Serve again."""
+        self._status_cache = None
+
+    async def routable(self, model: ModelConfig) -> bool:
+        """May a call to ``model`` be sent? Yes once it has a running replica, waiting up to its
+        ``replica_wait_s`` for one (Serve restarts failed replicas); yes at once for a model that
+        may scale to zero (the call makes Serve start one)."""
+        scaling = model.deployment.autoscaling_config
+        if scaling is not None and scaling.min_replicas == 0:
+            return True
+        deadline = time.monotonic() + model.replica_wait_s
+        while True:
+            _, running = (await self._status()).get(model.id, (False, 0))
+            if running > 0:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(ROUTABLE_POLL_S)
+            self.forget_readiness()
+
+    def observe_failover(self, model_id: str, error: str) -> None:
+        self.metrics.failovers.inc(tags={"model": model_id, "error": error})
+
+
+def rejection_reason(refused: VoltageError) -> str:
+    """The limiter's refusal as a metric tag: rate, quota, concurrency or forbidden."""
+    if isinstance(refused, QuotaExceeded):
+        return "quota"
+    if isinstance(refused, RateLimited):
+        concurrency = refused.details.get("limit") == "max_concurrent_requests"
+        return "concurrency" if concurrency else "rate"
+    return "forbidden"

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from voltage_ray.ingress import guards
+from voltage_ray.config import ModelConfig
+from voltage_ray.ingress import failover, guards
 from voltage_ray.ingress.deps import get_ingress, get_principal
 from voltage_ray.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
 
@@ -30,20 +31,34 @@ async def create_embedding(
     principal: Principal = Depends(get_principal),
 ) -> Response:
     ingress = get_ingress(request)
-    embedder = ingress.embedder(body.model)
+    ingress.resolve(body.model, "embeddings")  # 404 for an unknown model
+    model = ingress.by_name[body.model]
+    request.state.model = model.id
     limits = ingress.config.request_limits
     inputs = body.inputs
     guards.at_most(len(inputs), limits.embeddings_max_inputs, "The number of inputs")
     longest = max(len(text) for text in inputs)
     guards.at_most(longest, limits.embeddings_max_input_chars, "The longest input's length")
+    endpoint = request.url.path
+    tries = failover.Tries.at(endpoint)
+
+    async def embed(target: ModelConfig) -> EmbeddingResponse:
+        return await ingress.embedder(target.id).submit(body, weight=len(inputs))
+
     async with ingress.metered(
-        principal, endpoint=request.url.path, model=body.model, tokens=body.token_upper_bound
+        principal, endpoint=endpoint, model=body.model, tokens=body.token_upper_bound
     ) as ticket:
         response: EmbeddingResponse = await guards.within(
-            embedder.submit(body, weight=len(inputs)), limits.embeddings_timeout_s, "Embedding"
+            failover.call(ingress, model, tries, embed), limits.embeddings_timeout_s, "Embedding"
         )
         await ingress.settle(ticket, tokens=response.usage.total_tokens)
+    ingress.metrics.prompt_tokens.inc(
+        response.usage.prompt_tokens,
+        tags={"endpoint": endpoint, "model": model.id, "plan": principal.plan},
+    )
     # pydantic writes the JSON itself: thousands of floats are much faster there than json.dumps.
     return Response(
-        response.model_dump_json(), media_type="application/json", headers=ticket.headers
+        response.model_dump_json(),
+        media_type="application/json",
+        headers={**ticket.headers, **tries.headers()},
     )

@@ -10,9 +10,10 @@ import ray
 from fastapi import APIRouter, Depends, Request, Response
 from ray import serve
 
+from voltage_ray.config import ModelConfig
 from voltage_ray.deployments import image_store
 from voltage_ray.errors import BadRequest, NotFound, ServiceUnavailable
-from voltage_ray.ingress import guards
+from voltage_ray.ingress import failover, guards
 from voltage_ray.ingress.deps import get_ingress, get_principal
 from voltage_ray.protocol.images import ImageData, ImageGenerationRequest, ImageGenerationResponse
 
@@ -109,7 +110,9 @@ async def create_image(
     if body.model is None and default is None:
         raise NotFound("No images model is served")
     model = body.model or default.id  # type: ignore[union-attr]
-    handle = ingress.resolve(model, "images")
+    ingress.resolve(model, "images")  # 404 for an unknown model
+    config = ingress.by_name[model]
+    request.state.model = config.id
     limits = ingress.config.request_limits
     guards.at_most(len(body.prompt), limits.images_max_prompt_chars, "The prompt length")
     media = negotiate(request.headers.get("accept"))
@@ -120,24 +123,31 @@ async def create_image(
             details={"param": "n"},
         )
     output = "jpeg" if media == "image/jpeg" else "png"
+    tries = failover.Tries.at(request.url.path)
+
+    async def generate(target: ModelConfig) -> list[bytes]:
+        return await failover.result(ingress.handles[target.id].generate.remote(body, output))
+
     async with ingress.metered(
         principal, endpoint=request.url.path, model=model, images=body.n
     ) as ticket:
         images: list[bytes] = await guards.within(
-            handle.generate.remote(body, output), limits.images_timeout_s, "Image generation"
+            failover.call(ingress, config, tries, generate),
+            limits.images_timeout_s,
+            "Image generation",
         )
         await ingress.settle(ticket, images=len(images))
+    ingress.metrics.images.inc(len(images), tags={"model": config.id, "plan": principal.plan})
+    headers = {**ticket.headers, **tries.headers()}
     if media != JSON:
-        return Response(images[0], media_type=media, headers=ticket.headers)
+        return Response(images[0], media_type=media, headers=headers)
     if body.response_format == "b64_json":
         data = [ImageData(b64_json=base64.b64encode(image).decode()) for image in images]
     else:
         ids = await _store_call(request, "put", images)
         data = [ImageData(url=_file_url(request, image_id)) for image_id in ids]
     response = ImageGenerationResponse(data=data)
-    return Response(
-        response.model_dump_json(exclude_none=True), media_type=JSON, headers=ticket.headers
-    )
+    return Response(response.model_dump_json(exclude_none=True), media_type=JSON, headers=headers)
 
 
 @router.get(

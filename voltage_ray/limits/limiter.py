@@ -32,6 +32,7 @@ from voltage_ray.errors import (
     Forbidden,
     QuotaExceeded,
     RateLimited,
+    ServiceUnavailable,
     Unauthorized,
     VoltageError,
 )
@@ -99,6 +100,7 @@ class Limiter:
         self.lock = aiorwlock.RWLock(fast=True)  # no yield after acquiring: sections never await
         self._flush_mutex: asyncio.Lock | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self.draining = False  # set by drain(): admissions are refused with a 503
         self._open(db_path)
         atexit.register(self._flush_sync)
 
@@ -129,6 +131,7 @@ class Limiter:
         """Point a surviving actor at the app's current database, plans and options."""
         self._start_flusher()
         async with self.lock.writer_lock:
+            self.draining = False  # a new deploy on a cluster whose last service drained
             self.options = {**DEFAULT_OPTIONS, **(options or {})}
             if db_path != self.db_path:
                 self._flush_sync()
@@ -245,6 +248,10 @@ class Limiter:
         self, key_id: str, models: tuple[str, ...], tokens: int, images: int
     ) -> Grant | VoltageError:
         # NOTE: called under the write lock and never awaits: each admission is atomic.
+        if self.draining:
+            return ServiceUnavailable(
+                "The service is shutting down; retry shortly", headers={"Retry-After": "5"}
+            )
         record = self._record(key_id)
         if record is None or record.revoked:
             return Unauthorized()
@@ -417,6 +424,15 @@ class Limiter:
                 plan, self._usage(key_id, quota.period_of(now)), self._state(key_id, now), now
             )
         return {"key_id": key_id, "plan": record.plan, **report}
+
+    async def drain(self) -> int:
+        """Shutting down: refuse new admissions (503); the number of admissions in flight."""
+        self.draining = True
+        return len(self.holds)
+
+    async def in_flight(self) -> int:
+        """Admissions not settled yet (requests and streams in flight, cluster-wide)."""
+        return len(self.holds)
 
     async def ping(self) -> bool:
         return True
