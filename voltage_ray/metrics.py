@@ -36,7 +36,7 @@ class IngressMetrics:
             "voltage_request_latency_seconds",
             description="Time from a request's arrival to its last byte (streams: to [DONE]).",
             boundaries=LATENCY_BOUNDARIES,
-            tag_keys=("endpoint", "model", "status"),
+            tag_keys=REQUEST_TAGS,
         )
         self.ttft = metrics.Histogram(
             "voltage_time_to_first_token_seconds",

@@ -114,3 +114,26 @@ def test_sampling_params_accept_the_mapping() -> None:
     params = SamplingParams(**sampling_kwargs(p), output_kind=RequestOutputKind.DELTA)
     assert params.n == 2 and params.seed == 1 and params.stop == ["x"]
     assert params.output_kind == RequestOutputKind.DELTA
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="needs the vllm package (voltage_ray[vllm])")
+def test_the_engine_calls_match_vllms_api() -> None:
+    """What VLLMBackend calls, checked against the installed vLLM without a GPU."""
+    import dataclasses
+    import inspect
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.inputs import TokensPrompt
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    settings = ChatSettings(engine="vllm", max_num_seqs=32, max_model_len=4096, dtype="bfloat16")
+    fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    assert set(engine_kwargs("/models/qwen", settings, 0.25)) <= fields  # no unknown argument
+    assert list(inspect.signature(AsyncLLM.generate).parameters)[1:4] == [
+        "prompt",
+        "sampling_params",
+        "request_id",
+    ]
+    assert "request_id" in inspect.signature(AsyncLLM.abort).parameters
+    assert "engine_args" in inspect.signature(AsyncLLM.from_engine_args).parameters
+    assert TokensPrompt(prompt_token_ids=[1, 2])["prompt_token_ids"] == [1, 2]

@@ -45,13 +45,9 @@ class RequestMetrics:
         model = str(state.get("model") or "")
         principal = state.get("principal")
         plan = getattr(principal, "plan", "") or ""
-        code = str(status)
-        self.metrics.requests.inc(
-            tags={"endpoint": endpoint, "model": model, "status": code, "plan": plan}
-        )
-        self.metrics.latency.observe(
-            seconds, tags={"endpoint": endpoint, "model": model, "status": code}
-        )
+        tags = {"endpoint": endpoint, "model": model, "status": str(status), "plan": plan}
+        self.metrics.requests.inc(tags=tags)
+        self.metrics.latency.observe(seconds, tags=tags)
 
 
 def since_arrival(state: Any) -> float:
