@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from typing import cast
 
 from voltage_ray.config import FAST_PROXY_ENV, default_db_path, default_plans_path
 from voltage_ray.limits.keys import KeyStore
@@ -194,11 +195,11 @@ def drain(timeout_s: float) -> None:
     started = time.monotonic()
     try:
         limiter = ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)
-        in_flight = int(ray.get(limiter.drain.remote(), timeout=10))
+        in_flight = cast(int, ray.get(limiter.drain.remote(), timeout=10))
         print(f"voltage-ray: draining {in_flight} request(s) in flight", file=sys.stderr)
         while in_flight and time.monotonic() - started < timeout_s:
             time.sleep(DRAIN_POLL_S)
-            in_flight = int(ray.get(limiter.in_flight.remote(), timeout=10))
+            in_flight = cast(int, ray.get(limiter.in_flight.remote(), timeout=10))
         ray.get(limiter.flush.remote(), timeout=30)
     except Exception as exc:  # no limiter (limits disabled) or it is gone: nothing to wait for
         print(f"voltage-ray: drain skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
