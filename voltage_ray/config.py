@@ -79,6 +79,12 @@ class AutoscalingConfig(_Strict):
     )
     upscale_delay_s: float = Field(default=10.0, ge=0, description="Wait before scaling up.")
     downscale_delay_s: float = Field(default=300.0, ge=0, description="Wait before scaling down.")
+    look_back_period_s: float | None = Field(
+        default=None, gt=0, description="Window the ongoing-request average covers (Serve: 30 s)."
+    )
+    metrics_interval_s: float | None = Field(
+        default=None, gt=0, description="How often handles report ongoing requests (Serve: 10 s)."
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingConfig:
@@ -115,6 +121,12 @@ class DeploymentOptions(_Strict):
     )
     num_replicas: int = Field(default=1, ge=1, description="Fixed replica count (no autoscaling).")
     max_ongoing_requests: int = Field(default=8, ge=1, description="Concurrency per replica.")
+    max_replicas_per_node: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most replicas of this deployment on one Ray node (Serve's own option): "
+        "1 spreads replicas over nodes, so losing a node loses one replica.",
+    )
     ray_actor_options: RayActorOptions = Field(default_factory=RayActorOptions)
     health_check_period_s: float = Field(default=10.0, gt=0, description="Health check period.")
     graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0, description="Drain time.")
@@ -136,6 +148,8 @@ class DeploymentOptions(_Strict):
             opts["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True)
         else:
             opts["num_replicas"] = self.num_replicas
+        if self.max_replicas_per_node is not None:
+            opts["max_replicas_per_node"] = self.max_replicas_per_node
         if self.user_config is not None:
             opts["user_config"] = dict(self.user_config)
         return opts

