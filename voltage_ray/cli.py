@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import cast
 
-from voltage_ray.config import FAST_PROXY_ENV, default_db_path, default_plans_path
+from voltage_ray.config import SERVE_PROXY_ENV, default_db_path, default_plans_path
 from voltage_ray.limits.keys import KeyStore
 from voltage_ray.limits.plans import Plan, load_plans
 
@@ -28,7 +28,7 @@ DEFAULT_METRICS_PORT = 8080
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
 DRAIN_POLL_S = 0.2
 SERVE_ENV_DEFAULTS = {
-    **FAST_PROXY_ENV,
+    **SERVE_PROXY_ENV,
     "RAY_USAGE_STATS_ENABLED": "0",
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",

@@ -20,6 +20,11 @@ ModelKind = Literal["chat", "embeddings", "images"]
 # requests/s on 2 cores, benchmarks/proxy.py). Serve reads it when its controller starts, so it
 # lives in the environment Ray starts with or in a Serve config's controller_options.
 FAST_PROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# HAProxy replays a request whose ingress replica closed the connection without an answer (its
+# node died) on another replica; one whose response started is never replayed. Serve's default
+# retries connection failures only.
+PROXY_RETRY_ENV = {"RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response"}
+SERVE_PROXY_ENV = {**FAST_PROXY_ENV, **PROXY_RETRY_ENV}
 
 
 class _Strict(BaseModel):
@@ -377,7 +382,7 @@ class LimitsConfig(_Strict):
     node_resource: str | None = Field(
         default=None,
         description="Custom resource that marks the node holding the database; the limiter "
-        "requires it. Default: soft affinity to the head node.",
+        "requires it. Default: the head node (its node:__internal_head__ resource).",
     )
 
 

@@ -18,18 +18,20 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import httpx
+import openai
 import pytest
 import yaml
 
 from tests.integration.conftest import CACHE_DIR, REPO, free_port, wait_healthy
 from tests.integration.test_limits import wait_for
 from voltage_ray.limits.keys import KeyStore
+from voltage_ray.limits.limiter import ACTOR_NAME
 
 RAY = str(Path(sys.executable).with_name("ray"))
 SERVE = str(Path(sys.executable).with_name("serve"))
@@ -40,6 +42,7 @@ plans:
   nodes_rate: {requests_per_minute: 10}
 """
 DEPLOYMENTS = ("Ingress", "chat-tiny-chat", "embeddings-all-MiniLM-L6-v2")
+Answer = tuple[int, dict[str, Any] | str]
 CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 24}
 EMBED = {"model": "all-MiniLM-L6-v2", "input": ["a fox", "a dragon"]}
 
@@ -57,6 +60,8 @@ class Cluster:
     dashboard: str
     base_url: str
     db: Path
+    gcs: str
+    worker_log: IO[bytes]
 
     def key(self, plan: str) -> tuple[int, str]:
         store = KeyStore(self.db)
@@ -79,6 +84,11 @@ class Cluster:
         """Node id -> state (ALIVE, DEAD) from Ray's state API."""
         reply = httpx.get(f"{self.dashboard}/api/v0/nodes", timeout=10).json()
         return {n["node_id"]: n["state"] for n in reply["data"]["result"]["result"]}
+
+    def state(self, kind: str) -> list[dict[str, Any]]:
+        """Ray's state API: every node or actor, in detail."""
+        reply = httpx.get(f"{self.dashboard}/api/v0/{kind}?detail=1&limit=1000", timeout=10)
+        return list(reply.json()["data"]["result"]["result"])
 
 
 def ray_start(log: IO[bytes], *args: str) -> subprocess.Popen[bytes]:
@@ -165,6 +175,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             dashboard,
             f"http://127.0.0.1:{http_port}",
             tmp / "voltage.db",
+            f"127.0.0.1:{gcs}",
+            logs[1],
         )
         wait_for(lambda: list(cluster.nodes().values()) == ["ALIVE"] * 2, 120, 0.5)
         config = deploy_config(tmp, http_port)
@@ -172,11 +184,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         wait_healthy(cluster.base_url, "the two-node app", 600, lambda: str(cluster.replicas()))
         wait_for(lambda: spread_over(cluster, 2), 300, 0.5)
         yield cluster
+        procs.append(cluster.worker.proc)  # the test may have started another
     finally:
         for proc in reversed(procs):
             stop(proc)
         for log in logs:
             log.close()
+        # Ray's logs stay beside the test's own (pytest keeps its last three temp dirs).
+        shutil.copytree(temp_dir / "session_latest" / "logs", tmp / "ray_logs", dirs_exist_ok=True)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -235,21 +250,48 @@ def test_limits_are_exact_across_ingress_replicas_on_both_nodes(cluster: Cluster
 
     counts = wait_for(per_node, timeout=60, every=1)
     assert all(sum(c.values()) > 0 for c in counts), counts
+    # The one limiter lives on the head, beside the database, whichever ingress made it first.
+    head = next(n["node_id"] for n in cluster.state("nodes") if n["is_head_node"])
+    limiters = [a for a in cluster.state("actors") if a["name"] == ACTOR_NAME]
+    assert [(a["state"], a["node_id"]) for a in limiters] == [("ALIVE", head)]
 
 
-def test_stopping_the_second_node_fails_no_request(cluster: Cluster) -> None:
-    key_id, key = cluster.key("test")
-    headers = {"X-VoltageGPU-Key": key}
-    results: list[tuple[int, dict[str, Any]]] = []
+def under_load(
+    cluster: Cluster, key: str, action: Callable[[], None], sdk_retries: int = 0
+) -> tuple[list[Answer], int]:
+    """Chat and embeddings requests from six OpenAI SDK clients, before, during and after
+    ``action()``: every answer (status 0: the connection failed) and the HTTP requests sent
+    (more than the answers when the SDK retried; ``sdk_retries`` is its max_retries)."""
+    results: list[Answer] = []
+    sent = [0]
     lock = threading.Lock()
     done = threading.Event()
 
+    def count(_: httpx.Request) -> None:
+        with lock:
+            sent[0] += 1
+
     def load(path: str, body: dict[str, Any]) -> None:
-        with httpx.Client(base_url=cluster.base_url, timeout=120) as client:
+        http = httpx.Client(timeout=120, event_hooks={"request": [count]})
+        base = cluster.base_url + "/v1"
+        client = openai.OpenAI(
+            base_url=base, api_key=key, http_client=http, max_retries=sdk_retries
+        )
+        with client:
             while not done.is_set():
-                r = client.post(path, json=body, headers=headers)
+                try:
+                    if path == "/v1/chat/completions":
+                        usage = client.chat.completions.create(**body).usage
+                    else:
+                        usage = client.embeddings.create(**body).usage
+                    assert usage is not None
+                    answer: Answer = (200, {"usage": usage.model_dump()})
+                except openai.APIStatusError as exc:
+                    answer = (exc.status_code, exc.response.text)
+                except openai.APIConnectionError as exc:
+                    answer = (0, repr(exc.__cause__ or exc))
                 with lock:
-                    results.append((r.status_code, r.json()))
+                    results.append(answer)
 
     workers = [threading.Thread(target=load, args=("/v1/chat/completions", CHAT)) for _ in range(3)]
     workers += [threading.Thread(target=load, args=("/v1/embeddings", EMBED)) for _ in range(3)]
@@ -257,7 +299,7 @@ def test_stopping_the_second_node_fails_no_request(cluster: Cluster) -> None:
         w.start()
     try:
         wait_for(lambda: len(results) >= 50, timeout=120)
-        cluster.worker.proc.terminate()  # what `ray stop` sends
+        action()
         wait_for(lambda: "DEAD" in cluster.nodes().values(), timeout=120, every=0.5)
         answered_at = len(results)
         wait_for(lambda: len(results) >= answered_at + 50, timeout=120)  # on the head alone
@@ -265,24 +307,57 @@ def test_stopping_the_second_node_fails_no_request(cluster: Cluster) -> None:
         done.set()
         for w in workers:
             w.join(timeout=180)
-    cluster.worker.proc.wait(timeout=60)
-
-    failed = [(status, body) for status, body in results if status != 200]
-    assert not failed, failed[:3]
     replicas = cluster.replicas()
     for name in DEPLOYMENTS:
         assert sum(state == "RUNNING" for _, state in replicas[name]) >= 1, replicas
+    return results, sent[0]
 
-    billed = sum(body["usage"]["total_tokens"] for _, body in results)
 
-    def written() -> bool:
-        conn = sqlite3.connect(cluster.db)
-        try:
-            row = conn.execute(
-                "SELECT requests, tokens FROM usage WHERE key_id = ?", (key_id,)
-            ).fetchone()
-        finally:
-            conn.close()
-        return row == (len(results), billed)
+def usage_row(cluster: Cluster, key_id: int) -> tuple[int, int] | None:
+    conn = sqlite3.connect(cluster.db)
+    try:
+        row = conn.execute(
+            "SELECT requests, tokens FROM usage WHERE key_id = ?", (key_id,)
+        ).fetchone()
+    finally:
+        conn.close()
+    return None if row is None else (int(row[0]), int(row[1]))
 
-    wait_for(written, timeout=30)
+
+def test_stopping_the_second_node_fails_no_request(cluster: Cluster) -> None:
+    key_id, key = cluster.key("test")
+    # No client retries: every request is answered by the app on its first send.
+    results, sent = under_load(cluster, key, cluster.worker.proc.terminate)  # as `ray stop` does
+    assert sent == len(results)
+    cluster.worker.proc.wait(timeout=60)
+
+    failed = [answer for answer in results if answer[0] != 200]
+    assert not failed, failed[:3]
+    billed = sum(body["usage"]["total_tokens"] for _, body in results)  # type: ignore[index]
+    wait_for(lambda: usage_row(cluster, key_id) == (len(results), billed), timeout=30)
+
+
+def test_a_node_that_dies_loses_no_request(cluster: Cluster) -> None:
+    """A node killed outright (its processes SIGKILLed): a request whose ingress replica was on
+    it is replayed by the proxy (HAProxy's retry-on, set in serve_config.yaml)."""
+    cluster.worker = Node(ray_start(cluster.worker_log, f"--address={cluster.gcs}"), 0)
+    cluster.worker.metrics_port = metrics_port(cluster.worker.proc)
+    wait_for(lambda: list(cluster.nodes().values()).count("ALIVE") == 2, 120, 0.5)
+    wait_for(lambda: spread_over(cluster, 2), 300, 0.5)
+    key_id, key = cluster.key("test")
+
+    def kill() -> None:
+        os.killpg(cluster.worker.proc.pid, signal.SIGKILL)
+
+    # Requests an ingress on the dead node held are replayed by HAProxy. A connection that
+    # HAProxy itself closed while it reloaded (its server list changed) is retried by the OpenAI
+    # SDK, as every client of it does by default: no request is lost.
+    results, sent = under_load(cluster, key, kill, sdk_retries=2)
+    failed = [answer for answer in results if answer[0] != 200]
+    assert not failed, failed[:3]
+    billed = sum(body["usage"]["total_tokens"] for _, body in results)  # type: ignore[index]
+    # Every token answered is billed once. A replayed request was admitted (counted) by the dead
+    # ingress too: at most one per client in flight at the kill.
+    row = wait_for(lambda: (r := usage_row(cluster, key_id)) and r[1] == billed and r, timeout=30)
+    assert len(results) <= row[0] <= len(results) + 6, (row, len(results))
+    print(f"hard kill: {len(results)} answered in {sent} sends, usage row {row}")

@@ -19,6 +19,7 @@ import yaml
 from jsonschema import Draft202012Validator
 
 from voltage_ray.app import parse_config
+from voltage_ray.config import SERVE_PROXY_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 KUBERAY = REPO / "deploy" / "kuberay"
@@ -171,7 +172,7 @@ def test_app_args_parse_with_the_pods_paths(monkeypatch: pytest.MonkeyPatch) -> 
 def test_every_container_gets_the_same_env() -> None:
     envs = [env(c) for group in [head(), *workers()] for c in containers(group)]
     assert all(e == envs[0] for e in envs)
-    assert envs[0]["RAY_SERVE_ENABLE_HA_PROXY"] == envs[0]["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert {name: envs[0][name] for name in SERVE_PROXY_ENV} == SERVE_PROXY_ENV
     assert envs[0]["RAY_USAGE_STATS_ENABLED"] == "0"
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from voltage_ray.errors import RateLimited, ServiceUnavailable
-from voltage_ray.limits.client import LimiterClient
+from voltage_ray.limits.client import LimiterClient, placement
 from voltage_ray.limits.keys import KeyStore
 from voltage_ray.limits.limiter import Limiter
 
@@ -114,3 +114,9 @@ async def test_an_abandoned_admission_is_released(setup: tuple[InProcess, str, s
     assert report["limits"]["tokens"]["reserved"] == 0
     assert report["limits"]["requests"]["used"] in (0, 1)  # admitted then released, or never
     assert await client.admit(key, (), 100, 0)  # the whole quota is free again
+
+
+def test_the_limiter_is_pinned_to_the_database_node() -> None:
+    # A hard resource requirement: the head node unless a custom resource names another node.
+    assert placement(None) == {"resources": {"node:__internal_head__": 0.001}}
+    assert placement("voltage_db") == {"resources": {"voltage_db": 0.001}}

@@ -21,7 +21,14 @@ from voltage_ray.app import (
     parse_config,
 )
 from voltage_ray.backends.sources import unavailable
-from voltage_ray.config import FAST_PROXY_ENV, BuiltinSource, GGUFSource, HubSource, LocalSource
+from voltage_ray.config import (
+    FAST_PROXY_ENV,
+    SERVE_PROXY_ENV,
+    BuiltinSource,
+    GGUFSource,
+    HubSource,
+    LocalSource,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 MISSING_PKG = "pkg://voltage_no_such_package/model"
@@ -119,7 +126,7 @@ def test_default_config_asks_serve_for_the_fast_proxy() -> None:
     doc = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(doc)
     assert schema.controller_options is not None
-    assert schema.controller_options.runtime_env == {"env_vars": FAST_PROXY_ENV}
+    assert schema.controller_options.runtime_env == {"env_vars": SERVE_PROXY_ENV}
 
 
 def test_building_without_the_fast_proxy_says_how_to_get_it(

@@ -164,28 +164,19 @@ class LimiterClient:
 # --- finding the actor ------------------------------------------------------------------------
 
 
-def _head_node_id() -> str | None:
-    for node in ray.nodes():
-        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
-            return str(node["NodeID"])
-    return None
+# Every head node carries this resource, whatever its node id (Ray Train pins its state actor so).
+HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 
 def placement(node_resource: str | None) -> dict[str, Any]:
     """Where the limiter runs: on the node holding the database.
 
-    A configured custom resource names that node (a hard requirement); otherwise the head node,
-    where ``serve run``/``serve deploy`` and the default database path live (soft affinity, so a
-    cluster whose head restarted with a new id can still place it).
+    A configured custom resource names that node; otherwise the head node, where ``serve run``/
+    ``serve deploy`` and the default database path live. Both are hard requirements: a soft
+    node affinity let Ray place it on a worker node (seen with two nodes), whose loss then cut
+    every ingress off its limits, and a worker node may not see the database at all.
     """
-    if node_resource:
-        return {"resources": {node_resource: 0.001}}
-    head = _head_node_id()
-    if head is None:
-        return {}
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(head, soft=True)}
+    return {"resources": {node_resource or HEAD_NODE_RESOURCE: 0.001}}
 
 
 def get_or_create_limiter(
