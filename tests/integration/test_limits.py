@@ -249,12 +249,17 @@ def test_settlement_on_client_disconnect(served: ServedApp) -> None:
         assert 0 < tokens < 480 + 64
         # A plain request abandoned mid-generation: the client hangs up once the limiter holds
         # its slot (its 480 tokens take the tiny model >= 0.3 s), not after a guessed delay.
-        with abandoned_post(served, CHAT, key, body(480)):
+        # Greedy: the same long answer every time (sampled, the random model may stop at once).
+        plain = body(480, temperature=0)
+        with abandoned_post(served, CHAT, key, plain):
             wait_for(lambda: report(key)["limits"]["in_flight"]["used"] == 1, every=0.01)
         after = settled(key)
         assert after["limits"]["requests"]["used"] == 2  # the refused one took nothing
         assert after["limits"]["tokens"]["used"] == tokens  # cancelled before it finished
         assert c.post(CHAT, headers=served.headers(key), json=body(1)).status_code == 200
+        # What the abandoned request would have cost: far more than it was billed (nothing).
+        whole = c.post(CHAT, headers=served.headers(key), json=plain)
+        assert whole.json()["usage"]["completion_tokens"] >= 100, whole.json()["usage"]
 
 
 def test_usage_command(served: ServedApp) -> None:
