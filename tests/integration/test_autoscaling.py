@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.integration.conftest import ServedApp, run_beside
-from tests.integration.test_failover import running
+from tests.integration.test_failover import replica_states, running
 from tests.integration.test_limits import settled, wait_for
 
 APP = "voltage-autoscaling"
@@ -46,14 +46,6 @@ def autoscaling_app(served: ServedApp) -> Iterator[str]:
     }
     yield run_beside(served, {**served.args, "models": [model]}, APP, "/autoscaling")
     serve.delete(APP)
-
-
-def replica_states(app: str, deployment: str) -> dict[str, int]:
-    from ray import serve
-
-    status = serve.status().applications.get(app)
-    dep = status.deployments.get(deployment) if status else None
-    return {getattr(s, "value", s): n for s, n in dep.replica_states.items() if n} if dep else {}
 
 
 def test_load_adds_a_replica_and_idleness_removes_it_without_a_failed_request(

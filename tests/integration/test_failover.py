@@ -44,12 +44,17 @@ def replicas(app: str, deployment: str) -> list[Any]:
     ]
 
 
-def running(app: str, deployment: str) -> int:
+def replica_states(app: str, deployment: str) -> dict[str, int]:
+    """``deployment``'s replica count by state (RUNNING, STARTING, STOPPING...), zeros left out."""
     from ray import serve
 
     status = serve.status().applications.get(app)
     dep = status.deployments.get(deployment) if status else None
-    return dep.replica_states.get("RUNNING", 0) if dep else 0
+    return {getattr(s, "value", s): n for s, n in dep.replica_states.items() if n} if dep else {}
+
+
+def running(app: str, deployment: str) -> int:
+    return replica_states(app, deployment).get("RUNNING", 0)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from tests.integration.conftest import CACHE_DIR, REPO, free_port, wait_healthy
-from tests.integration.test_limits import wait_for
+from tests.integration.test_limits import assert_error, wait_for
 from voltage_ray.limits.keys import KeyStore
 from voltage_ray.limits.limiter import ACTOR_NAME
 
@@ -94,25 +94,20 @@ class Cluster:
         return list(reply.json()["data"]["result"]["result"])
 
 
-def ray_start(log: IO[bytes], *args: str) -> subprocess.Popen[bytes]:
+def ray_start(log: IO[bytes], *args: str) -> Node:
+    metrics = free_port()
     ports = {
-        "--metrics-export-port": free_port(),
+        "--metrics-export-port": metrics,
         "--dashboard-agent-listen-port": free_port(),
         "--dashboard-agent-grpc-port": free_port(),
         "--runtime-env-agent-port": free_port(),
     }  # one machine, two nodes: no default port may be shared
     cmd = [RAY, "start", "--block", "--num-cpus=2", *args]
     cmd += [f"{flag}={port}" for flag, port in ports.items()]
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV, start_new_session=True
     )
-
-
-def metrics_port(proc: subprocess.Popen[bytes]) -> int:
-    args = proc.args
-    assert isinstance(args, list)
-    flag = next(a for a in args if str(a).startswith("--metrics-export-port="))
-    return int(str(flag).split("=")[1])
+    return Node(proc, metrics)
 
 
 def stop(proc: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
@@ -168,13 +163,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             f"--dashboard-port={dashboard_port}",
             f"--ray-client-server-port={free_port()}",
         )
-        procs.append(head)
+        procs.append(head.proc)
         wait_for(lambda: httpx.get(f"{dashboard}/api/version", timeout=2).is_success, 120, 0.5)
         worker = ray_start(logs[1], f"--address=127.0.0.1:{gcs}")
-        procs.append(worker)
+        procs.append(worker.proc)
         cluster = Cluster(
-            Node(head, metrics_port(head)),
-            Node(worker, metrics_port(worker)),
+            head,
+            worker,
             dashboard,
             f"http://127.0.0.1:{http_port}",
             tmp / "voltage.db",
@@ -241,7 +236,8 @@ def test_limits_are_exact_across_ingress_replicas_on_both_nodes(cluster: Cluster
     assert statuses == [200] * 10 + [429] * 22
     for r in answers:
         if r.status_code == 429:
-            assert r.json()["details"]["status"] == 429 and "retry-after" in r.headers
+            assert_error(r, 429, "Rate limit exceeded", "/v1/embeddings")
+            assert "retry-after" in r.headers
 
     # Each node's ingress replica answered part of them: the nodes' own metrics ports say so.
     def per_node() -> list[dict[str, float]] | None:
@@ -304,7 +300,8 @@ def under_load(
     try:
         wait_for(lambda: len(results) >= 50, timeout=120)
         action()
-        wait_for(lambda: "DEAD" in cluster.nodes().values(), timeout=120, every=0.5)
+        # The head alone is ALIVE (after the first stop, a DEAD node is already listed).
+        wait_for(lambda: list(cluster.nodes().values()).count("ALIVE") == 1, 120, 0.5)
         answered_at = len(results)
         wait_for(lambda: len(results) >= answered_at + 50, timeout=120)  # on the head alone
     finally:
@@ -361,8 +358,7 @@ def test_stopping_the_second_node_fails_no_request(cluster: Cluster) -> None:
 def test_a_node_that_dies_loses_no_request(cluster: Cluster) -> None:
     """A node killed outright (its processes SIGKILLed): a request whose ingress replica was on
     it is replayed by the proxy (HAProxy's retry-on, set in serve_config.yaml)."""
-    cluster.worker = Node(ray_start(cluster.worker_log, f"--address={cluster.gcs}"), 0)
-    cluster.worker.metrics_port = metrics_port(cluster.worker.proc)
+    cluster.worker = ray_start(cluster.worker_log, f"--address={cluster.gcs}")
     wait_for(lambda: list(cluster.nodes().values()).count("ALIVE") == 2, 120, 0.5)
     wait_for(lambda: spread_over(cluster, 2), 300, 0.5)
     key_id, key = cluster.key("test")
