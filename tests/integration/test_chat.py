@@ -176,7 +176,9 @@ async def test_client_disconnect_cancels_generation(served: ServedApp) -> None:
         "messages": USER,
         "max_tokens": 400,
         "stream": True,
-        "temperature": 1.0,
+        # Greedy: the same long answer every time (sampled, the random model may end on an early
+        # EOS before the hang-up, and nothing is left to cancel).
+        "temperature": 0,
     }
     async with (
         httpx.AsyncClient(base_url=served.base_url, timeout=60) as c,
@@ -194,6 +196,12 @@ async def test_client_disconnect_cancels_generation(served: ServedApp) -> None:
         info = await handle.info.remote()
     assert info["cancelled"] > before
     assert info["active"] == 0
+    # What the hang-up cut short: the same request, read to its end, is far longer.
+    async with httpx.AsyncClient(base_url=served.base_url, timeout=60) as c:
+        whole = await c.post(
+            "/v1/chat/completions", json={**body, "stream": False}, headers=served.headers()
+        )
+    assert whole.json()["usage"]["completion_tokens"] >= 100, whole.json()["usage"]
 
 
 def test_model_deployment_is_usable_through_its_handle(served: ServedApp) -> None:
