@@ -201,6 +201,7 @@ def test_sigterm_drains_requests_in_flight(started) -> None:  # type: ignore[no-
         "model": "gpt-4",
         "messages": [{"role": "user", "content": "Write a long story about a fox"}],
         "max_tokens": 120,
+        "temperature": 0,  # the same long answer every run: both still generating at SIGTERM
     }
     results: dict[str, Any] = {}
     streaming = threading.Event()
