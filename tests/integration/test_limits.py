@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -89,15 +90,22 @@ def abandoned_post(
             assert sock.recv(1) == b"", "the request was answered before the client left"
 
 
-def stored_row(served: ServedApp, key: str) -> tuple[int, int] | None:
-    conn = sqlite3.connect(served.db)
+def usage_row(db: Path, key_id: str) -> tuple[int, int, int] | None:
+    """A key's (requests, tokens, reserved tokens) as the limiter last wrote them (one period)."""
+    conn = sqlite3.connect(db)
     try:
         row = conn.execute(
-            "SELECT requests, tokens FROM usage WHERE key_id = ?", (parse_key(key),)
+            "SELECT requests, tokens, reserved_tokens FROM usage WHERE key_id = ?", (key_id,)
         ).fetchone()
-        return (row[0], row[1]) if row else None
     finally:
         conn.close()
+    return None if row is None else (int(row[0]), int(row[1]), int(row[2]))
+
+
+def stored_row(served: ServedApp, key: str) -> tuple[int, int] | None:
+    key_id = parse_key(key)
+    row = usage_row(served.db, key_id) if key_id else None
+    return None if row is None else row[:2]
 
 
 def assert_error(

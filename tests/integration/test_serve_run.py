@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ import pytest
 import yaml
 
 from tests.integration.conftest import CACHE_DIR, REPO, free_port
+from tests.integration.test_limits import usage_row
 from voltage_ray.limits.keys import KeyStore
 
 LABEL_RE = re.compile(r'(\w+)="([^"]*)"')
@@ -250,12 +250,6 @@ def test_sigterm_drains_requests_in_flight(started) -> None:  # type: ignore[no-
     with pytest.raises(httpx.HTTPError):
         httpx.get(base + "/health", timeout=3)
     # Every token of both requests is in the database; the refused one added nothing.
-    conn = sqlite3.connect(tmp / "voltage.db")
-    try:
-        row = conn.execute(
-            "SELECT requests, tokens FROM usage WHERE key_id = ?", (record.id,)
-        ).fetchone()
-    finally:
-        conn.close()
+    row = usage_row(tmp / "voltage.db", record.id)
     spent = results["json"].json()["usage"]["total_tokens"] + usage["total_tokens"]
-    assert row == (2, spent)
+    assert row is not None and row[:2] == (2, spent)

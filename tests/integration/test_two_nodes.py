@@ -15,7 +15,6 @@ import contextlib
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import pytest
 import yaml
 
 from tests.integration.conftest import CACHE_DIR, REPO, free_port, wait_healthy
-from tests.integration.test_limits import assert_error, wait_for
+from tests.integration.test_limits import assert_error, usage_row, wait_for
 from voltage_ray.limits.keys import KeyStore
 from voltage_ray.limits.limiter import ACTOR_NAME
 
@@ -319,25 +318,13 @@ def tokens(results: list[Answer]) -> int:
     return sum(int(body["usage"]["total_tokens"]) for _, body in results if isinstance(body, dict))
 
 
-def usage_row(cluster: Cluster, key_id: str) -> tuple[int, int, int] | None:
-    """The key's (requests, tokens, reserved tokens) as the limiter last wrote them."""
-    conn = sqlite3.connect(cluster.db)
-    try:
-        row = conn.execute(
-            "SELECT requests, tokens, reserved_tokens FROM usage WHERE key_id = ?", (key_id,)
-        ).fetchone()
-    finally:
-        conn.close()
-    return None if row is None else (int(row[0]), int(row[1]), int(row[2]))
-
-
 def settled_row(cluster: Cluster, key_id: str) -> tuple[int, int, int]:
     """The usage row once it stopped changing (the limiter writes every 0.5 s)."""
 
     def stable() -> tuple[int, int, int] | None:
-        row = usage_row(cluster, key_id)
+        row = usage_row(cluster.db, key_id)
         time.sleep(1.0)
-        return row if row is not None and row == usage_row(cluster, key_id) else None
+        return row if row is not None and row == usage_row(cluster.db, key_id) else None
 
     return wait_for(stable, timeout=60)
 
@@ -352,7 +339,7 @@ def test_stopping_the_second_node_fails_no_request(cluster: Cluster) -> None:
     failed = [answer for answer in results if answer[0] != 200]
     assert not failed, failed[:3]
     billed = tokens(results)
-    wait_for(lambda: usage_row(cluster, key_id) == (len(results), billed, 0), timeout=30)
+    wait_for(lambda: usage_row(cluster.db, key_id) == (len(results), billed, 0), timeout=30)
 
 
 def test_a_node_that_dies_loses_no_request(cluster: Cluster) -> None:
