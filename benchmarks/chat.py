@@ -2,8 +2,9 @@
 transformers' own continuous batching, as ratios measured in one run.
 
     flock /tmp/voltage_bench.lock .venv/bin/python benchmarks/chat.py \
-        [--part all|single|concurrency|library] [--threads T] [--max-tokens 128] [--runs 5] \
-        [--seconds 40] [--stagger 0.5] [--levels 1,4,8] [--bursts 3] [--proxy haproxy|default]
+        [--part all|single|concurrency|library|constrained] [--threads T] [--max-tokens 128] \
+        [--runs 5] [--seconds 40] [--stagger 0.5] [--levels 1,4,8] [--bursts 3] \
+        [--proxy haproxy|default]
 
 Every side uses the same number of torch threads (``--threads``; by default 1 for the single
 stream part, as before, and 2, this box's cores, for the concurrency and library parts); each
@@ -39,6 +40,12 @@ loading its own model instance; ``--part all`` (the default) runs library, singl
    completion tokens / wall time for both and their ratio; plus the 8 prompts one at a time
    through our scheduler, for the in-process 8-to-1 ratio. A failure of transformers' batching is
    printed in one line; the rest still runs.
+4. ``constrained``: structured outputs' cost. The served app as in ``concurrency``; closed loops
+   at 1 and ``max(--levels)`` streams, greedy, once free and once with ``response_format``
+   ``json_schema`` (``STORY``: a title and a story, so answers run to ``--max-tokens`` like the
+   free ones); aggregate tokens/s of both and their ratio (aim >= 0.85 at 8 streams), and whether
+   every finished constrained answer validated. Then grammar compile times for a typical schema
+   (``benchmarks/grammar.py``'s): cold and cached (aims: < 100 ms, < 1 ms).
 """
 
 from __future__ import annotations
@@ -94,6 +101,16 @@ PROMPTS = [
     "Write a long story about a robot who wants to become a gardener.",
 ]
 GREEDY: dict[str, Any] = {"temperature": 0}
+STORY = {
+    "type": "object",
+    "properties": {"title": {"type": "string"}, "story": {"type": "string"}},
+    "required": ["title", "story"],
+    "additionalProperties": False,
+}
+JSON_STORY: dict[str, Any] = {
+    **GREEDY,
+    "response_format": {"type": "json_schema", "json_schema": {"name": "story", "schema": STORY}},
+}
 SAMPLED: dict[str, Any] = {
     "temperature": 0.8,
     "top_p": 0.9,
@@ -400,7 +417,7 @@ async def stream_once(client: httpx.AsyncClient, body: dict[str, Any]) -> Sample
     start = time.perf_counter()
     first = last = None
     gaps: list[float] = []
-    tokens = 0
+    tokens = chunks = 0
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -408,16 +425,18 @@ async def stream_once(client: httpx.AsyncClient, body: dict[str, Any]) -> Sample
                 continue
             chunk = json.loads(line[6:])
             if _content(chunk):
+                chunks += 1
                 now = time.perf_counter()
                 if last is None:
                     first = now
                 else:
                     gaps.append(now - last)
                 last = now
-            elif not chunk["choices"] and chunk.get("usage"):
+            if chunk.get("usage"):  # the usage chunk (llama-server: on the last chunk)
                 tokens = chunk["usage"]["completion_tokens"]
     ttft = None if first is None else first - start
-    return Sample(start, time.perf_counter(), ttft, gaps, tokens)
+    # A server without usage (older llama-server builds): one token per content chunk.
+    return Sample(start, time.perf_counter(), ttft, gaps, tokens or chunks)
 
 
 def stream_blocking(client: httpx.Client, body: dict[str, Any]) -> tuple[float, float, int]:
@@ -694,11 +713,72 @@ def run_library(a: argparse.Namespace, threads: int) -> None:
     print(f"  ours / transformers (tokens/s, all at once): {rate / (tokens / wall):.3f}")
 
 
+async def constrained_load(app: ServedApp, a: argparse.Namespace) -> list[Level]:
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    headers = {"X-VoltageGPU-Key": app.key}
+    levels: list[Level] = []
+    async with httpx.AsyncClient(
+        base_url=app.base_url, headers=headers, timeout=600, limits=limits
+    ) as client:
+        await burst(client, 2, 1, 8)  # warm up (and compile STORY once)
+        await stream_once(client, chat_body(FOX, 8, JSON_STORY))
+        for streams in sorted({1, max(a.levels)}):
+            for mode, sampling in (("free", GREEDY), ("json", JSON_STORY)):
+                bodies = Bodies(a.max_tokens, sampling)
+                samples, wall = await closed_loop(client, streams, a.seconds, a.stagger, bodies)
+                levels.append(Level(streams, mode, samples, wall))
+                print_level(levels[-1])
+        checked = await check_constrained(client, a.max_tokens)
+    print(f"  constrained answers that finished (not cut by max_tokens): {checked}")
+    return levels
+
+
+async def check_constrained(client: httpx.AsyncClient, max_tokens: int) -> str:
+    """Non-streamed constrained answers to every prompt: how many finished, and whether each
+    of those parses and has the schema's keys."""
+    finished = valid = 0
+    for prompt in PROMPTS:
+        body = {**chat_body(prompt, max_tokens, JSON_STORY), "stream": False}
+        del body["stream_options"]
+        r = (await client.post("/v1/chat/completions", json=body)).json()
+        if r["choices"][0]["finish_reason"] == "stop":
+            finished += 1
+            value = json.loads(r["choices"][0]["message"]["content"])
+            valid += list(value) == ["title", "story"]
+    return f"{finished} of {len(PROMPTS)}, {valid} valid"
+
+
+def run_constrained(a: argparse.Namespace, threads: int) -> None:
+    from benchmarks.embeddings import serve_app as ray_app
+    from benchmarks.grammar import compile_times
+
+    env = HA_PROXY_ENV if a.proxy == "haproxy" else {}
+    print(
+        f"\n== constrained: served ({a.proxy}), 1 replica, max_num_seqs {MAX_NUM_SEQS}, "
+        f"{threads} torch threads, greedy, max_tokens {a.max_tokens}, {a.seconds:g} s per level"
+    )
+    with ray_app(app_args(threads), env={**env, **NICE_ENV}) as app:
+        levels = asyncio.run(constrained_load(app, a))
+    for streams in sorted({lv.streams for lv in levels}):
+        by = {lv.mode: lv for lv in levels if lv.streams == streams}
+        ratio = by["json"].rate / by["free"].rate
+        aim = "   (aim >= 0.85 at 8)" if streams == max(a.levels) else ""
+        print(f"  json_schema / free, {streams} streams: {ratio:5.3f}x tokens/s{aim}")
+    times = compile_times(20)
+    print(
+        f"  grammar compile, typical schema: cold {times['cold'] * 1000:.2f} ms (max of 20 "
+        f"{times['cold_max'] * 1000:.2f} ms, aim < 100 ms), cached {times['cached'] * 1e6:.1f} us "
+        f"(aim < 1 ms); tokenizer set-up once per replica {times['setup'] * 1000:.0f} ms"
+    )
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--part", choices=["all", "single", "concurrency", "library"], default="all")
+    p.add_argument(
+        "--part", choices=["all", "single", "concurrency", "library", "constrained"], default="all"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads on every side "
                    "(default: 1 for single, 2 for concurrency and library)")  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=128)
@@ -716,13 +796,15 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     a = parse_args()
-    parts = ["library", "single", "concurrency"] if a.part == "all" else [a.part]
+    parts = ["library", "single", "concurrency", "constrained"] if a.part == "all" else [a.part]
     if "library" in parts:
         run_library(a, a.threads or 2)
     if "single" in parts:
         run_single(a, a.threads or 1)
-    if "concurrency" in parts:  # last: it starts Ray in this process
+    if "concurrency" in parts:  # these start Ray in this process
         run_concurrency(a, a.threads or 2)
+    if "constrained" in parts:
+        run_constrained(a, a.threads or 2)
 
 
 if __name__ == "__main__":

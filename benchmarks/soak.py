@@ -306,6 +306,7 @@ def main() -> int:
         store = KeyStore(app.tmp / "voltage.db")
         soak_record, soak_key = store.create("soak", "soak")
         store.close()
+        time.sleep(2.0)  # ingress replicas copy the key store every 0.5 s
         keys = {"soak": soak_key, "open": app.key}
         root = psutil.Process(app.pid)
         t0 = time.monotonic()

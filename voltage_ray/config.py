@@ -8,11 +8,12 @@ of being silently ignored. Environment variables are explicit overrides applied 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ModelKind = Literal["chat", "embeddings", "images"]
 
@@ -25,6 +26,7 @@ FAST_PROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMI
 # retries connection failures only.
 PROXY_RETRY_ENV = {"RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response"}
 SERVE_PROXY_ENV = {**FAST_PROXY_ENV, **PROXY_RETRY_ENV}
+QUEUED_BATCHES = 4  # default queue per model: this many batches per replica
 
 
 class _Strict(BaseModel):
@@ -126,6 +128,15 @@ class DeploymentOptions(_Strict):
     )
     num_replicas: int = Field(default=1, ge=1, description="Fixed replica count (no autoscaling).")
     max_ongoing_requests: int = Field(default=8, ge=1, description="Concurrency per replica.")
+    max_queued_requests: int | None = Field(
+        default=None,
+        ge=-1,
+        description="Serve's own: requests each caller (an ingress replica) queues for this "
+        "deployment beyond what its replicas take (max_ongoing_requests each); past it a call "
+        "is refused at once, a 503 with Retry-After. -1: unbounded. Default for a model: "
+        "QUEUED_BATCHES (4) x its batch (chat max_num_seqs, max_batch_size otherwise) x its "
+        "replicas (max_replicas when autoscaling); none for the ingress.",
+    )
     max_replicas_per_node: int | None = Field(
         default=None,
         ge=1,
@@ -142,6 +153,13 @@ class DeploymentOptions(_Strict):
         "applies to running replicas without a restart.",
     )
 
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queue(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("max_queued_requests must be -1 (unbounded) or at least 1")
+        return value
+
     def to_serve(self) -> dict[str, Any]:
         opts: dict[str, Any] = {
             "max_ongoing_requests": self.max_ongoing_requests,
@@ -155,6 +173,8 @@ class DeploymentOptions(_Strict):
             opts["num_replicas"] = self.num_replicas
         if self.max_replicas_per_node is not None:
             opts["max_replicas_per_node"] = self.max_replicas_per_node
+        if self.max_queued_requests is not None:
+            opts["max_queued_requests"] = self.max_queued_requests
         if self.user_config is not None:
             opts["user_config"] = dict(self.user_config)
         return opts
@@ -163,16 +183,22 @@ class DeploymentOptions(_Strict):
 # --- per-kind runtime settings ---------------------------------------------------------------
 
 
-ChatEngineName = Literal["transformers", "vllm"]
+ChatEngineName = Literal["auto", "transformers", "llama_cpp", "vllm"]
+ToolParserName = Literal["hermes"]  # the names registered in backends/tool_parsers.py
 
 
 class ChatSettings(_Strict):
     """Generation settings for a chat model."""
 
     engine: ChatEngineName = Field(
-        default="transformers",
-        description="transformers: voltage_ray's continuous-batching engine (CPU and GPU, the "
-        "default); vllm: vLLM's AsyncLLM (GPU; `pip install 'voltage_ray[vllm]'`).",
+        default="auto",
+        description="auto (default): llama_cpp for a GGUF source on a replica without GPUs when "
+        "llama.cpp is installed, else transformers. llama_cpp: llama.cpp runs the GGUF file "
+        "under voltage_ray's continuous batching (CPU; its threads follow the replica's "
+        "num_cpus; falls back to transformers, with a warning, where the binding is missing). "
+        "transformers: voltage_ray's continuous batching over a transformers model (CPU and "
+        "GPU; GGUF files are dequantized once to safetensors). vllm: vLLM's AsyncLLM (GPU; "
+        "`pip install 'voltage_ray[vllm]'`).",
     )
 
     default_max_tokens: int = Field(
@@ -212,6 +238,13 @@ class ChatSettings(_Strict):
     )
     enable_prefix_caching: bool = Field(
         default=True, description="vllm: reuse the KV cache of shared prompt prefixes."
+    )
+    tool_parser: ToolParserName = Field(
+        default="hermes",
+        description="How tool calls are read from the model's text under tool_choice auto: "
+        "hermes, the <tool_call>{...}</tool_call> blocks of Qwen2.5, SmolLM2 and Hermes models "
+        "(backends/tool_parsers.py). Forced calls (required, a named function) are enforced by "
+        "a grammar and need no parser.",
     )
 
 
@@ -314,7 +347,24 @@ class ModelConfig(_Strict):
             self.embeddings = EmbeddingSettings()
         if self.kind == "images" and self.images is None:
             self.images = ImageSettings()
+        self._queue_default()
         return self
+
+    def _queue_default(self) -> None:
+        """Unless set: QUEUED_BATCHES batches per replica may wait at each ingress replica
+        beyond what the replicas run, so a full queue drains in about that many batches' time
+        (a burst a few batches deep waits; a flood is refused at once)."""
+        deployment = self.deployment
+        if deployment.max_queued_requests is not None:
+            return
+        batch = (
+            self.chat.max_num_seqs
+            if self.chat
+            else (self.embeddings or self.images or ImageSettings()).max_batch_size
+        )
+        scaling = deployment.autoscaling_config
+        replicas = scaling.max_replicas if scaling is not None else deployment.num_replicas
+        deployment.max_queued_requests = QUEUED_BATCHES * batch * replicas
 
     def _check_vllm_share(self, chat: ChatSettings) -> None:
         """vLLM needs a GPU and may only claim the replica's share of it: two engines sharing a
@@ -357,6 +407,49 @@ class IngressConfig(_Strict):
         )
     )
     health_timeout_s: float = Field(default=2.0, gt=0, description="Per-model health ping budget.")
+    unknown_fields: Literal["reject", "ignore"] = Field(
+        default="reject",
+        description="A request field no endpoint knows (not even OpenAI's documented ones): "
+        "reject: a 400 naming it, as OpenAI (catches typos); ignore: drop it, for gateways "
+        "whose clients add their own fields. Types of known fields stay strict either way.",
+    )
+
+
+class AuthConfig(_Strict):
+    """Failed authentications (a missing, malformed, unknown or revoked key), per client address."""
+
+    failures_per_minute: int | None = Field(
+        default=30,
+        ge=1,
+        description="Failures one client address may make per minute (in a burst, then evenly); "
+        "past it they are answered 429 with Retry-After instead of 401. Valid keys are never "
+        "throttled. null: no throttle.",
+    )
+    throttled_delay_s: float = Field(
+        default=1.0,
+        ge=0,
+        le=10,
+        description="How long a throttled failure waits before its 429, so a client that keeps "
+        "failing gets one answer per connection per this long instead of as many as the CPU "
+        "allows. At most a quarter of the ingress's max_ongoing_requests wait at once; past "
+        "that, 429s are immediate.",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"],
+        description="Networks (CIDR) of proxies trusted to name the client in X-Forwarded-For: "
+        "from such a peer, the client is the nearest untrusted address in that header; from any "
+        "other, the peer itself. Add your load balancer's; Serve's HAProxy sets no such header.",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            ipaddress.ip_network(network, strict=False)  # ValueError names the bad one
+        return value
+
+    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(n, strict=False) for n in self.trusted_proxies]
 
 
 class LimitsConfig(_Strict):
@@ -439,6 +532,7 @@ class AppConfig(_Strict):
         default=None, description="Converted and built models (VOLTAGE_CACHE overrides)."
     )
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     image_store: ImageStoreConfig = Field(default_factory=ImageStoreConfig)
     request_limits: RequestLimits = Field(default_factory=lambda: RequestLimits())
 

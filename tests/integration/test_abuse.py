@@ -1,14 +1,20 @@
-"""Limits on what one request may cost, and deadlines, on an app configured tightly.
+"""Abuse: a flood of invented keys, and requests that cost too much.
 
-A second app on the session's cluster (same key store and limiter) with small request limits
-and short deadlines: over-limit requests are 4xx before any model work, a model call past its
-deadline ends with a 504 and releases its reservation, and a client that stops reading a stream
-does not hold the replica.
+A flood of random keys at 64 connections is refused by the ingress alone (401s, then 429s once
+its address failed too often) while a valid user's requests all succeed; the limiter never hears
+of the flood (its own counters say so). Its timings are what benchmarks/abuse.py measures.
+
+Then a second app on the session's cluster (same key store and limiter) with small request
+limits and short deadlines: over-limit requests are 4xx before any model work, a model call past
+its deadline ends with a 504 and releases its reservation, and a client that stops reading a
+stream does not hold the replica.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import secrets
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -59,6 +65,88 @@ def spec_error(r: httpx.Response, status: int) -> dict[str, Any]:
     body = r.json()
     assert set(body) == {"error", "details"} and body["details"]["status"] == status
     return body
+
+
+EMBED = {"model": "text-embedding-ada-002", "input": "a fox"}
+FLOOD_ADDRESS = "198.51.100.23"  # its own failure budget: other tests' 401s stay 401s
+
+
+def random_key(rng: secrets.SystemRandom, known_id: str) -> str:
+    """Mostly well-formed keys with invented ids; some malformed, some forging a real id."""
+    roll = rng.random()
+    if roll < 0.1:
+        return "vr_" + secrets.token_urlsafe(8)
+    key_id = known_id if roll < 0.2 else secrets.token_hex(6)
+    return f"vr_{key_id}_{secrets.token_urlsafe(32)}"
+
+
+def limiter_info() -> dict[str, Any]:
+    import ray
+
+    limiter = ray.get_actor("voltage_ray_limiter", namespace="voltage_ray")
+    return ray.get(limiter.info.remote(), timeout=30)  # type: ignore[no-any-return]
+
+
+async def test_a_flood_of_invented_keys_never_reaches_the_limiter(served: ServedApp) -> None:
+    key = served.new_key("test", "flood-victim")
+    known_id = key.split("_", 2)[1]
+    rng = secrets.SystemRandom()
+    limits = httpx.Limits(max_connections=80, max_keepalive_connections=80)
+    async with httpx.AsyncClient(base_url=served.base_url, timeout=60, limits=limits) as c:
+        # The new key reaches every ingress replica's copy of the keys within seconds.
+        deadline = time.monotonic() + 10
+        while (await c.post("/v1/embeddings", json=EMBED, headers=served.headers(key))).is_error:
+            assert time.monotonic() < deadline, "the new key never became valid"
+            await asyncio.sleep(0.2)
+        before = limiter_info()
+        flood: collections.Counter[int] = collections.Counter()
+        refusals: list[httpx.Response] = []
+        valid: list[int] = []
+        started = time.monotonic()
+
+        def flooding() -> bool:  # until the throttle has answered a while, at most 60 s
+            elapsed = time.monotonic() - started
+            return elapsed < 60 and (elapsed < 3 or flood[429] < 200)
+
+        async def attacker() -> None:
+            while flooding():
+                headers = {"X-VoltageGPU-Key": random_key(rng, known_id)}
+                headers["X-Forwarded-For"] = FLOOD_ADDRESS
+                r = await c.post("/v1/embeddings", json=EMBED, headers=headers)
+                flood[r.status_code] += 1
+                if len(refusals) < 500:
+                    refusals.append(r)
+
+        async def user() -> None:
+            while flooding():
+                r = await c.post("/v1/embeddings", json=EMBED, headers=served.headers(key))
+                valid.append(r.status_code)
+
+        await asyncio.gather(user(), *(attacker() for _ in range(64)))
+        seconds = time.monotonic() - started
+        after = limiter_info()
+        # Failures are throttled per address: this one's bad key is still a 401.
+        mine = await c.post("/v1/embeddings", json=EMBED, headers={"X-VoltageGPU-Key": "vr_x"})
+        spec_error(mine, 401)
+    assert valid and set(valid) == {200}, collections.Counter(valid)
+    assert set(flood) == {401, 429}, flood
+    budget = served.args["auth"]["failures_per_minute"]  # a burst of it, then budget/60 a second
+    assert budget <= flood[401] <= budget + budget / 60 * seconds + 1, (flood, seconds)
+    for r in refusals:
+        body = spec_error(r, r.status_code)
+        if r.status_code == 429:
+            assert r.headers["retry-after"] == str(body["details"]["retry_after"]) == "1"
+            assert body["details"]["limit"] == "auth_failures_per_minute"
+    # The limiter decided the valid user's requests and nothing else: no flood request (unknown
+    # id, forged secret or malformed) cost it a call.
+    decided = {s: n - before["decided"].get(s, 0) for s, n in after["decided"].items()}
+    assert {s: n for s, n in decided.items() if n} == {200: len(valid)}
+    exchanges = after["calls"]["exchange"] - before["calls"]["exchange"]
+    assert exchanges <= 2 * len(valid)  # one admission and one settlement each, at most
+    print(
+        f"flood: {sum(flood.values())} requests {dict(flood)}; valid user: {len(valid)} x 200; "
+        f"limiter exchanges {exchanges}"
+    )
 
 
 def chat_info() -> dict[str, Any]:

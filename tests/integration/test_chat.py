@@ -148,7 +148,7 @@ async def test_async_sdk_concurrent_requests(served: ServedApp) -> None:
 
 
 def test_context_length_overflow_is_a_400(served: ServedApp) -> None:
-    long = [{"role": "user", "content": " ".join(["fox"] * 600)}]
+    long = [{"role": "user", "content": " ".join(["fox"] * 2100)}]
     with served.client() as c:
         for extra in ({}, {"max_tokens": 10}, {"max_tokens": 10, "stream": True}):
             r = c.post(
@@ -157,11 +157,11 @@ def test_context_length_overflow_is_a_400(served: ServedApp) -> None:
                 json={"model": "gpt-4", "messages": long, **extra},
             )
             assert r.status_code == 400, r.text
-            assert "maximum context length is 512" in r.json()["error"]
+            assert "maximum context length is 2048" in r.json()["error"]
         r = c.post(
             "/v1/chat/completions",
             headers=served.headers(),
-            json={"model": "gpt-4", "messages": USER, "max_tokens": 600},
+            json={"model": "gpt-4", "messages": USER, "max_tokens": 2100},
         )
         assert r.status_code == 400
 

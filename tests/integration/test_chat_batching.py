@@ -104,7 +104,9 @@ async def test_eight_greedy_streams_equal_each_alone(served: ServedApp, app: str
     assert [r["usage"].completion_tokens for r in together] == [
         r["usage"].completion_tokens for r in alone
     ]
-    assert "Paris" in alone[1]["text"][0]
+    # Real weights know why the sky is blue (on either CPU engine: llama.cpp's quantized
+    # matmuls and transformers' fp32 part ways on near-ties, e.g. the capital of France).
+    assert "Rayleigh" in alone[5]["text"][0]
     after = (await info(SMOL))["batch_sizes"]
     batched = {size: n - before.get(size, 0) for size, n in after.items()}
     assert max(size for size, n in batched.items() if n > 0) >= 4  # they shared decode steps

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import ray
 
-from tests.integration.conftest import ServedApp
+from tests.integration.conftest import ServedApp, wait_key_live
 from voltage_ray.limits.keys import parse_key
 from voltage_ray.limits.limiter import ACTOR_NAME, NAMESPACE
 
@@ -299,6 +299,7 @@ def test_limits_disabled_still_authenticates(served: ServedApp) -> None:
     url = f"{served.base_url}/nolimits{CHAT}"
     try:
         wait_for(lambda: httpx.get(f"{served.base_url}/nolimits/health").status_code == 200, 300)
+        wait_key_live([f"{served.base_url}/nolimits"], key)
         with served.client() as c:
             rs = [c.post(url, headers=served.headers(key), json=body(1)) for _ in range(7)]
             assert [r.status_code for r in rs] == [200] * 7

@@ -22,7 +22,7 @@ import openai
 import pytest
 import yaml
 
-from tests.integration.conftest import CACHE_DIR, REPO, free_port
+from tests.integration.conftest import CACHE_DIR, REPO, free_port, wait_key_live
 from tests.integration.test_limits import usage_row
 from voltage_ray.limits.keys import KeyStore
 
@@ -146,6 +146,7 @@ def test_metrics_count_exactly_the_requests_sent(started) -> None:  # type: igno
     store = KeyStore(tmp / "voltage.db")
     key = store.create("pro", "metrics")[1]  # no earlier request has plan="pro"
     store.close()
+    wait_key_live([base], key)
     ok = {"endpoint": "/embeddings", "model": "all-MiniLM-L6-v2", "status": "200", "plan": "pro"}
     denied = {"endpoint": "/embeddings", "status": "401"}  # the first 401s of this service
     before = {
@@ -153,6 +154,7 @@ def test_metrics_count_exactly_the_requests_sent(started) -> None:  # type: igno
         "denied": scrape(metrics, "ray_voltage_requests_total", **denied),
         "tokens": scrape(metrics, "ray_voltage_prompt_tokens_total", plan="pro"),
         "latency": scrape(metrics, "ray_voltage_request_latency_seconds_count", **ok),
+        "no key": scrape(metrics, "ray_voltage_auth_failures_total", reason="missing"),
     }
     tokens = 0
     with httpx.Client(base_url=base, timeout=60) as client:
@@ -167,7 +169,7 @@ def test_metrics_count_exactly_the_requests_sent(started) -> None:  # type: igno
         for _ in range(2):
             r = client.post("/v1/embeddings", json={"model": "x", "input": "a"})
             assert r.status_code == 401
-    want = {"ok": 5.0, "denied": 2.0, "tokens": float(tokens), "latency": 5.0}
+    want = {"ok": 5.0, "denied": 2.0, "tokens": float(tokens), "latency": 5.0, "no key": 2.0}
 
     def moved() -> dict[str, float]:
         return {
@@ -177,6 +179,8 @@ def test_metrics_count_exactly_the_requests_sent(started) -> None:  # type: igno
             - before["tokens"],
             "latency": scrape(metrics, "ray_voltage_request_latency_seconds_count", **ok)
             - before["latency"],
+            "no key": scrape(metrics, "ray_voltage_auth_failures_total", reason="missing")
+            - before["no key"],
         }
 
     deadline = time.monotonic() + 90  # Ray exports every few seconds
@@ -196,6 +200,7 @@ def test_sigterm_drains_requests_in_flight(started) -> None:  # type: ignore[no-
     store = KeyStore(tmp / "voltage.db")
     record, key = store.create("enterprise", "drain")
     store.close()
+    wait_key_live([base], key)
     headers = {"X-VoltageGPU-Key": key}
     chat = {
         "model": "gpt-4",

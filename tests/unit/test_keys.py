@@ -32,5 +32,36 @@ def test_verify_resolve_and_revoke(tmp_path: Path) -> None:
 
 
 def test_malformed_keys_do_not_parse() -> None:
+    secret = "A" * 43
     for bad in ["", "vr_", "vr_short_x", "xx_0123456789ab_secret", "vr_0123456789ab_"]:
         assert parse_key(bad) is None
+    for bad in [
+        "vr_0123456789AB_" + secret,  # the id is lowercase hex
+        "vr_0123456789ag_" + secret,
+        "vr_0123456789ab_short",
+        "vr_0123456789ab_" + secret + "!",  # outside the URL-safe alphabet
+        "vr_0123456789ab_" + "A" * 129,
+    ]:
+        assert parse_key(bad) is None, bad
+    assert parse_key("vr_0123456789ab_" + secret) == "0123456789ab"
+
+
+def test_every_change_is_logged_in_order(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path / "k.db")
+    start = store.changes(0)
+    assert start.full and start.records == () and start.seq == 1  # the log starts at 1
+    a, _ = store.create("free")
+    b, _ = store.create("free")
+    after_create = store.changes(start.seq)
+    assert not after_create.full and [r.id for r in after_create.records] == [a.id, b.id]
+    # Any writer, even plain SQL, is logged by the triggers.
+    raw = sqlite3.connect(tmp_path / "k.db")
+    raw.execute("UPDATE api_keys SET plan = 'pro' WHERE id = ?", (a.id,))
+    raw.execute("DELETE FROM api_keys WHERE id = ?", (b.id,))
+    raw.commit()
+    update = store.changes(after_create.seq)
+    assert [(r.id, r.plan) for r in update.records] == [(a.id, "pro")]
+    assert update.removed == (b.id,)
+    assert store.changes(update.seq).records == ()
+    # A second store on the same file (the CLI beside the service) shares the log.
+    assert KeyStore(tmp_path / "k.db").changes(update.seq).seq == update.seq

@@ -7,14 +7,17 @@ event loop, as the actor's loop does, with many admissions in flight at once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
+import ray
 
 from voltage_ray.errors import Forbidden, QuotaExceeded, RateLimited, Unauthorized
 from voltage_ray.limits import limiter as limiter_mod
-from voltage_ray.limits.keys import KeyStore, hash_key, parse_key
+from voltage_ray.limits.keys import KeyStore, parse_key
 from voltage_ray.limits.limiter import Grant, Limiter, Settlement
 
 PLANS = """\
@@ -144,9 +147,6 @@ async def test_keys_plans_and_hot_reload(
     monkeypatch.setattr(limiter_mod, "PLANS_RELOAD_S", 0.0)
     key_id, key = new_key(db, "open")
     lim = Limiter(str(db), str(plans))
-    principal = await lim.authenticate(key_id, hash_key(key))
-    assert principal is not None and principal.plan == "open"
-    assert await lim.authenticate(key_id, hash_key(key + "x")) is None
     assert isinstance(await lim.admit(key_id, (), 10, 0), Grant)
     plans.write_text(PLANS.replace("open: {}", "open: {requests_per_minute: 1, models: [m]}"))
     import os
@@ -155,11 +155,12 @@ async def test_keys_plans_and_hot_reload(
     assert isinstance(await lim.admit(key_id, ("other",), 0, 0), Forbidden)
     assert isinstance(await lim.admit(key_id, ("m",), 0, 0), RateLimited)  # one already taken
     assert isinstance(await lim.admit("000000000000", (), 0, 0), Unauthorized)
+    seq = (await lim.key_changes(str(db), 0)).seq
     store = KeyStore(db)
     store.revoke(key_id)
     store.close()
-    lim._records.clear()  # skip the 2 s cache
-    assert isinstance(await lim.admit(key_id, ("m",), 0, 0), Unauthorized)
+    await lim.key_changes(str(db), seq)  # what ingress replicas call every second
+    assert isinstance(await lim.admit(key_id, ("m",), 0, 0), Unauthorized)  # not cached 2 s
     assert parse_key(key) == key_id
 
 
@@ -222,3 +223,84 @@ async def test_late_settlement_of_a_past_period_after_a_restart(
     # March: the late settlement released the restored hold. April: never settled within the
     # TTL, so charged in full.
     assert rows == [("2025-03", 11, 0), ("2025-04", 100, 0)]
+
+
+async def test_key_changes_follow_the_store(env: tuple[Path, Path]) -> None:
+    """What ingress replicas copy: every key first, then only what changed."""
+    db, plans = env
+    first, _ = new_key(db, "open")
+    lim = Limiter(str(db), str(plans))
+    full = await lim.key_changes("", 0)
+    assert full.full and {r.id for r in full.records} >= {first} and full.source == str(db)
+    assert all(r.key_hash for r in full.records)  # hashes, for verification in the ingress
+    nothing = await lim.key_changes(full.source, full.seq)
+    assert not nothing.full and nothing.records == () and nothing.seq == full.seq
+    second, _ = new_key(db, "five")
+    store = KeyStore(db)
+    store.revoke(first)
+    store.conn.execute("DELETE FROM api_keys WHERE id = ?", (second,))
+    store.close()
+    changed = await lim.key_changes(full.source, full.seq)
+    assert not changed.full and changed.seq > full.seq
+    assert [(r.id, r.revoked) for r in changed.records] == [(first, True)]
+    assert changed.removed == (second,)
+    # Another database, or a change number it never reached: every key again.
+    assert (await lim.key_changes("/elsewhere.db", full.seq)).full
+    assert (await lim.key_changes(full.source, changed.seq + 100)).full
+    assert (await lim.info())["calls"]["key_changes"] == 5
+
+
+async def test_a_void_settlement_gives_the_request_back(env: tuple[Path, Path]) -> None:
+    db, plans = env
+    key_id, _ = new_key(db, "five")  # 5 requests a minute
+    lim = Limiter(str(db), str(plans))
+    grants = [await lim.admit(key_id, (), 10, 0) for _ in range(5)]
+    assert isinstance(await lim.admit(key_id, (), 10, 0), RateLimited)
+    await lim.settle([dataclasses.replace(settlement(g), counted=False) for g in grants[:2]])
+    assert isinstance(await lim.admit(key_id, (), 10, 0), Grant)  # two slots came back
+    report = await lim.usage(key_id)
+    assert report is not None and report["limits"]["requests"]["used"] == 4
+    assert report["limits"]["tokens"]["used"] == 0
+    info = await lim.info()
+    assert info["decided"] == {200: 6, 429: 1} and info["holds"] == 4
+
+
+class Replica:
+    """An ingress replica's actor handle, alive or dead, as the limiter pings it."""
+
+    def __init__(self) -> None:
+        self.dead = False
+        self.__ray_ready__ = self
+
+    def remote(self) -> Any:
+        async def ready() -> bool:
+            if self.dead:
+                raise ray.exceptions.ActorDiedError()
+            return True
+
+        return ready()
+
+
+async def test_holds_of_a_dead_ingress_replica_are_voided(env: tuple[Path, Path]) -> None:
+    db, plans = env
+    key_id, _ = new_key(db, "tiny")
+    lim = Limiter(str(db), str(plans))
+    alive, doomed = Replica(), Replica()
+    await lim.register("alive", alive)
+    await lim.register("doomed", doomed)
+    kept = await lim.exchange([], [(key_id, (), 30, 0)], "alive")
+    lost = await lim.exchange([], [(key_id, (), 30, 0), (key_id, (), 20, 1)], "doomed")
+    assert all(isinstance(g, Grant) for g in [*kept, *lost])
+    assert await lim.void_dead_owners() == 0  # both answer
+    doomed.dead = True
+    assert await lim.void_dead_owners() == 2
+    report = await lim.usage(key_id)
+    assert report is not None
+    assert report["limits"]["requests"]["used"] == 1  # the live replica's request only
+    assert report["limits"]["tokens"] == {"used": 0, "reserved": 30, "limit": 100}
+    assert report["limits"]["images"] == {"used": 0, "reserved": 0, "limit": 2}
+    # A settlement that arrives anyway (it was on its way) changes nothing.
+    await lim.settle([settlement(lost[0], tokens=30)])  # type: ignore[arg-type]
+    assert (await lim.usage(key_id))["limits"]["tokens"]["used"] == 0  # type: ignore[index]
+    info = await lim.info()
+    assert info["voided"] == 2 and info["owners"] == 1 and info["holds"] == 1

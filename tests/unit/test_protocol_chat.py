@@ -37,9 +37,32 @@ def test_defaults_follow_the_spec() -> None:
         {"stop": ["a", "b", "c", "d", "e"]},
         {"stop": ""},
         {"stream_options": {"include_usage": True}},
-        {"logit_bias": {}},
         {"messages": []},
-        {"messages": [{"role": "tool", "content": "x"}]},
+        {"messages": [{"role": "tool", "content": "x"}]},  # no tool_call_id
+        {"messages": [{"role": "function", "content": "x", "name": "f"}]},
+        {"messages": [{"role": "assistant"}]},  # neither content nor tool_calls
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        {"logprobs": True, "top_logprobs": 21},
+        {"top_logprobs": 2},  # without logprobs
+        {"logit_bias": {"5": 101}},
+        {"logit_bias": {"five": 1}},
+        {"logit_bias": {"-5": 1}},
+        {"tools": []},
+        {"tools": [{"type": "custom", "custom": {"name": "f"}}]},
+        {"tools": [{"type": "function", "function": {"name": "bad name"}}]},
+        {"tools": [{"type": "function", "function": {"name": "f"}}] * 2},
+        {"tool_choice": "required"},
+        {"tool_choice": "sometimes", "tools": [{"type": "function", "function": {"name": "f"}}]},
+        {
+            "tool_choice": {"type": "function", "function": {"name": "g"}},
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+        },
+        {"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+        {"response_format": {"type": "xml"}},
+        {"structured_outputs": {}},
+        {"structured_outputs": {"regex": "a", "choice": ["a"]}},
+        {"structured_outputs": {"choice": []}},
+        {"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}},
         {"messages": [{"role": "user"}]},
         {"messages": [{"role": "user", "content": "a\ud800b"}]},
         {"stop": ["ok", "\udfff"]},
@@ -69,6 +92,60 @@ def test_openai_extensions_are_accepted() -> None:
     assert r.messages[0].text == "a"
 
 
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+def test_tools_roles_and_token_options_are_accepted() -> None:
+    r = ChatCompletionRequest.model_validate(
+        {
+            "model": "gpt-4",
+            "messages": [
+                {"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": "Weather in Paris?"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
+            ],
+            "tools": [TOOL],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            "parallel_tool_calls": False,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": {}}},
+            "logprobs": True,
+            "top_logprobs": 20,
+            "logit_bias": {"42": -100, "7": 2.5},
+        }
+    )
+    assert r.tool_mode == "named" and [t.function.name for t in r.forced_tools] == ["get_weather"]
+    assert r.top_logprobs_count == 20 and r.logit_bias == {"42": -100.0, "7": 2.5}
+    assert [m.role for m in r.messages] == ["developer", "user", "assistant", "tool"]
+    assert r.messages[2].text == "" and r.messages[3].text == "18C"
+
+
+@pytest.mark.parametrize(
+    ("extra", "mode"),
+    [
+        ({}, "none"),
+        ({"tools": [TOOL]}, "auto"),
+        ({"tools": [TOOL], "tool_choice": "none"}, "none"),
+        ({"tools": [TOOL], "tool_choice": "auto"}, "auto"),
+        ({"tools": [TOOL], "tool_choice": "required"}, "required"),
+        ({"tool_choice": "auto"}, "none"),
+    ],
+)
+def test_tool_mode(extra: dict[str, Any], mode: str) -> None:
+    r = ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, **extra})
+    assert r.tool_mode == mode
+
+
 def parse(fragment: str, stream: bool = False) -> dict[str, Any]:
     """A request body exactly as FastAPI hands it to pydantic: JSON parsed by ``json.loads``."""
     body: dict[str, Any] = {"model": "gpt-4", "messages": MSG}
@@ -88,7 +165,7 @@ WRONG_TYPES: list[tuple[str, tuple[Any, ...]]] = [
     ('"messages": null', ("messages",)),
     ('"messages": [{"role": "user", "content": 5}]', ("messages", 0, "content")),
     ('"messages": [{"role": "user", "content": true}]', ("messages", 0, "content")),
-    ('"messages": [{"role": "user", "content": null}]', ("messages", 0, "content")),
+    ('"messages": [{"role": "user", "content": null}]', ("messages", 0)),  # needs content
     ('"messages": [{"role": "user", "content": ["hi"]}]', ("messages", 0, "content")),
     (
         '"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]',
@@ -133,6 +210,50 @@ WRONG_TYPES: list[tuple[str, tuple[Any, ...]]] = [
     ('"max_completion_tokens": true', ("max_completion_tokens",)),
     ('"user": 5', ("user",)),
     ('"user": true', ("user",)),
+    ('"response_format": "json_object"', ("response_format",)),
+    ('"response_format": {"type": 1}', ("response_format",)),
+    ('"tools": {"type": "function"}', ("tools",)),
+    ('"tools": [{"type": "function", "function": {"name": 5}}]', ("tools", 0, "function", "name")),
+    (
+        '"tools": [{"type": "function", "function": {"name": "f", "parameters": "{}"}}]',
+        ("tools", 0, "function", "parameters"),
+    ),
+    (
+        '"tools": [{"type": "function", "function": {"name": "f", "strict": "yes"}}]',
+        ("tools", 0, "function", "strict"),
+    ),
+    ('"tool_choice": 1', ("tool_choice",)),
+    ('"tool_choice": true', ("tool_choice",)),
+    ('"parallel_tool_calls": "false"', ("parallel_tool_calls",)),
+    ('"parallel_tool_calls": 0', ("parallel_tool_calls",)),
+    ('"logprobs": 1', ("logprobs",)),
+    ('"logprobs": "true"', ("logprobs",)),
+    ('"top_logprobs": 2.0', ("top_logprobs",)),
+    ('"top_logprobs": "2"', ("top_logprobs",)),
+    ('"logit_bias": [1]', ("logit_bias",)),
+    ('"logit_bias": {"5": "1"}', ("logit_bias",)),
+    ('"logit_bias": {"5": true}', ("logit_bias",)),
+    ('"structured_outputs": "x"', ("structured_outputs",)),
+    ('"structured_outputs": {"regex": 5}', ("structured_outputs", "regex")),
+    ('"structured_outputs": {"choice": "a"}', ("structured_outputs", "choice")),
+    # OpenAI's accepted-and-ignored fields keep their types
+    ('"store": "yes"', ("store",)),
+    ('"metadata": {"a": 1}', ("metadata", "a")),
+    ('"service_tier": 5', ("service_tier",)),
+    ('"prompt_cache_key": 5', ("prompt_cache_key",)),
+    ('"prompt_cache_options": "x"', ("prompt_cache_options",)),
+    ('"prompt_cache_retention": 5', ("prompt_cache_retention",)),
+    ('"safety_identifier": 5', ("safety_identifier",)),
+    ('"moderation": "x"', ("moderation",)),
+    # and the refused ones are refused, whatever their value
+    ('"modalities": "text"', ("modalities",)),
+    ('"audio": {"voice": "alloy", "format": "wav"}', ("audio",)),
+    ('"prediction": {"type": "content", "content": "x"}', ("prediction",)),
+    ('"web_search_options": {}', ("web_search_options",)),
+    ('"reasoning_effort": "high"', ("reasoning_effort",)),
+    ('"verbosity": "low"', ("verbosity",)),
+    ('"functions": [{"name": "f"}]', ("functions",)),
+    ('"function_call": "auto"', ("function_call",)),
 ]
 
 
@@ -171,6 +292,14 @@ def test_an_integer_is_a_valid_number() -> None:
         ("seed", None),
         ("max_completion_tokens", None),
         ("user", None),
+        ("response_format", None),
+        ("tools", None),
+        ("tool_choice", None),
+        ("parallel_tool_calls", True),
+        ("logprobs", False),
+        ("top_logprobs", None),
+        ("logit_bias", None),
+        ("structured_outputs", None),
     ],
 )
 def test_null_means_the_default(field: str, default: object) -> None:

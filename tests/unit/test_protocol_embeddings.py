@@ -35,11 +35,15 @@ def test_defaults_and_inputs() -> None:
         ({"input": ["a", ""]}, "input[1] must not be empty"),
         ({"input": []}, "1 to 2048"),
         ({"input": ["x"] * (MAX_INPUTS + 1)}, "1 to 2048"),
-        ({"input": [1, 2]}, "input[0] must be a string, got int"),
+        ({"input": [1, -2]}, "input: token ids must not be negative"),
+        ({"input": [[1], []]}, "input[1] must not be empty"),
+        ({"input": [[1], "a"]}, "only strings or only token-id arrays"),
+        ({"input": [[1, 2.5]]}, "input[0] must hold only integer token ids"),
+        ({"input": [[True]]}, "input[0] must hold only integer token ids"),
         ({"input": ["a", None]}, "input[1] must be a string, got NoneType"),
-        ({"input": [["a"]]}, "must be a string, got list"),
-        ({"input": 3}, "a string or an array of strings"),
-        ({"input": None}, "a string or an array of strings"),
+        ({"input": [["a"]]}, "input[0] must hold only integer token ids"),
+        ({"input": 3}, "a string, an array of strings or token ids"),
+        ({"input": None}, "a string, an array of strings or token ids"),
         ({"input": ["ok", "a\ud800b"]}, "input[1] is not valid Unicode"),
         ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
         ({"input": "x", "dimensions": 0}, "dimensions"),
@@ -49,6 +53,15 @@ def test_defaults_and_inputs() -> None:
 def test_invalid_requests(fields: dict[str, object], message: str) -> None:
     with pytest.raises(ValidationError, match=message.replace("[", r"\[").replace("]", r"\]")):
         EmbeddingRequest.model_validate({"model": "m", **fields})
+
+
+def test_token_id_inputs() -> None:
+    """OpenAI's and vLLM's token input: one array of ids, or several; the server decodes them
+    with the model's tokenizer (tests/integration/test_embeddings_api)."""
+    one = EmbeddingRequest.model_validate({"model": "m", "input": [101, 7592, 102]})
+    assert one.inputs == [[101, 7592, 102]] and one.token_upper_bound == 3
+    many = EmbeddingRequest.model_validate({"model": "m", "input": [[7592], [2088, 999]]})
+    assert many.inputs == [[7592], [2088, 999]] and many.token_upper_bound == 3
 
 
 def test_input_is_required() -> None:
@@ -106,7 +119,7 @@ WRONG_TYPES = [
     ('"input": 1.5', "input"),
     ('"input": true', "input"),
     ('"input": null', "input"),
-    ('"input": [1]', "input"),
+    ('"input": [1.0]', "input"),
     ('"input": [true]', "input"),
     ('"input": {"text": "a"}', "input"),
     ('"encoding_format": 1', "encoding_format"),

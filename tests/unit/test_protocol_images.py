@@ -60,8 +60,12 @@ def test_bounds_are_inclusive(fields: dict[str, Any]) -> None:
         {"seed": -1},
         {"seed": 2**64},
         {"model": ""},
-        {"quality": "hd"},  # OpenAI's dall-e-3 field is not part of this API
-        {"style": "vivid"},
+        {"quality": "ultra"},  # OpenAI's fields keep OpenAI's values
+        {"style": "vivid", "background": "transparent"},  # refused: this server cannot
+        {"output_format": "jpeg"},
+        {"output_compression": 50},
+        {"partial_images": 2},
+        {"stream": True},
     ],
 )
 def test_out_of_contract_values_are_rejected(fields: dict[str, Any]) -> None:
@@ -118,7 +122,32 @@ WRONG_TYPES = [
     ('"seed": true', "seed"),
     ('"user": 1', "user"),
     ('"user": false', "user"),
+    ('"quality": 1', "quality"),
+    ('"style": true', "style"),
+    ('"moderation": "none"', "moderation"),
+    ('"background": 0', "background"),
+    ('"output_format": "gif"', "output_format"),
+    ('"output_compression": "50"', "output_compression"),
+    ('"partial_images": 1.0', "partial_images"),
+    ('"stream": "no"', "stream"),
 ]
+
+
+def test_openai_fields_that_ask_nothing_of_the_server_are_accepted() -> None:
+    r = ImageGenerationRequest.model_validate(
+        {
+            "prompt": "p",
+            "quality": "hd",
+            "style": "natural",
+            "moderation": "low",
+            "background": "auto",
+            "output_format": "png",
+            "output_compression": 100,
+            "partial_images": 0,
+            "stream": False,
+        }
+    )
+    assert r.quality == "hd" and r.stream is False
 
 
 @pytest.mark.parametrize(("fragment", "field"), WRONG_TYPES)

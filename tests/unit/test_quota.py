@@ -180,3 +180,16 @@ def test_window_dump_rounds_up_to_whole_seconds() -> None:
     assert w.dump() == [(T0 + 1, 2), (T0 + 2, 1)]  # restored entries expire no earlier
     restored = Window(entries=w.dump())
     assert restored.total == 3 and restored.wait(1, 3, T0 + 2) == pytest.approx(59.0)
+
+
+def test_a_void_release_gives_the_request_back() -> None:
+    plan = Plan(requests_per_minute=2, tokens_per_minute=100)
+    state, usage = KeyState(), Usage("2025-03")
+    holds = [admit(plan, state, usage, Ask(tokens=40), T0) for _ in range(2)]
+    assert isinstance(admit(plan, state, usage, Ask(tokens=1), T0), Denial)
+    first = holds[0]
+    assert isinstance(first, Hold)
+    quota.release(state, usage, first, 0, 0, counted=False)  # turned away: nothing happened
+    assert (usage.requests, usage.tokens, usage.reserved_tokens) == (1, 0, 40)
+    assert state.requests.total == 1 and state.tokens.total == 40 and state.in_flight == 1
+    assert isinstance(admit(plan, state, usage, Ask(tokens=1), T0 + 1), Hold)

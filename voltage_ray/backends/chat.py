@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from voltage_ray.backends import chat_template
+from voltage_ray.backends.grammar import Constraint, Grammars
 from voltage_ray.config import ChatSettings
 from voltage_ray.errors import BadRequest
 
@@ -31,7 +33,9 @@ FALLBACK_TEMPLATE = (
 
 @dataclass
 class Prepared:
-    """A validated chat request, tokenized, with its token budget resolved."""
+    """A validated chat request, tokenized, with its token budget resolved: everything it asks
+    of its tokens, engine-neutral. The CPU engines honour it in one sampler
+    (``backends/sampler.py``), the vLLM engine maps it onto vLLM's own parameters."""
 
     input_ids: list[int]
     max_tokens: int
@@ -42,20 +46,56 @@ class Prepared:
     frequency_penalty: float
     stop: list[str]
     seed: int | None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # None: none; k: the chosen token and its k top alternatives
+    constraint: Constraint | None = None  # the JSON the output must be
+    # None: none; k: each prompt token's logprob (after the first) and its k top alternatives,
+    # sent as a PromptScored item before the first step (legacy completions' echo + logprobs).
+    prompt_logprobs: int | None = None
 
     @property
     def prompt_tokens(self) -> int:
         return len(self.input_ids)
 
 
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A generated token's log probability and its most likely alternatives (token, logprob),
+    from the model's distribution within the constraint (before logit_bias, penalties,
+    temperature and top_p)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass(frozen=True)
+class PromptScored:
+    """The prompt's logprobs, before a generation's first step: None for the first token (it has
+    no context), then each token as the model scored it."""
+
+    tokens: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last item of a generation: tokens used by each choice."""
+
+    tokens: list[int]
+
+
 @dataclass
 class StepEvent:
-    """What one choice produced in one step: new text and, at its end, why it finished."""
+    """What one choice produced in one step: new text, the logprobs of the tokens behind it (when
+    asked; text held back for stop strings comes later than its tokens' logprobs) and, at its
+    end, why it finished."""
 
     index: int
     text: str
     finish_reason: str | None = None
     tokens: int = 0  # tokens this choice has used so far
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
 def _held_suffix(text: str, stops: Sequence[str]) -> int:
@@ -139,43 +179,23 @@ class Prompter:
         self.eos_ids = frozenset(int(e) for e in eos_list if e is not None)
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else min(self.eos_ids)
+        self.vocab_size = max(int(getattr(config, "vocab_size", 0) or 0), len(self.tokenizer))
+        self.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_ids)
+        self.max_choices: int | None = None  # an engine's cap on n (llama.cpp: its KV slots)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
 
     def prepare(self, request: Any) -> Prepared:
-        """Apply the chat template and resolve max_tokens; raise BadRequest past the context."""
-        messages = []
-        for m in request.messages:
-            entry = {"role": m.role, "content": m.text}
-            if m.name:
-                entry["name"] = m.name
-            messages.append(entry)
-        ids = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True
-        )
-        if hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        input_ids = [int(t) for t in ids]
-        prompt = len(input_ids)
-        requested = request.requested_max_tokens
-        room = self.context_length - prompt
-        if requested is None:
-            max_tokens = min(self.default_max_tokens, room)
-            if max_tokens < 1:
-                raise BadRequest(
-                    f"This model's maximum context length is {self.context_length} tokens; "
-                    f"the messages use {prompt} tokens, leaving no room for a completion."
-                )
-        else:
-            if prompt + requested > self.context_length:
-                raise BadRequest(
-                    f"This model's maximum context length is {self.context_length} tokens. "
-                    f"However, you requested {prompt + requested} tokens ({prompt} in the "
-                    f"messages, {requested} in the completion). Please reduce the length of "
-                    "the messages or max_tokens."
-                )
-            max_tokens = requested
+        """Render the messages (and tools), resolve max_tokens and what the request asks of its
+        tokens; a BadRequest past the context, for a token id outside the vocabulary, or for a
+        schema that cannot be enforced (compiled here, so the engine finds it cached)."""
+        self._check_choices(request.n)
+        input_ids = chat_template.render(self.tokenizer, request.messages, request.tools)
+        max_tokens = self._max_tokens(len(input_ids), request.requested_max_tokens)
+        constraint = constraint_of(request)
+        if constraint is not None:
+            self.grammars.compile(constraint)
         return Prepared(
             input_ids=input_ids,
             max_tokens=max_tokens,
@@ -186,7 +206,91 @@ class Prompter:
             frequency_penalty=request.frequency_penalty,
             stop=request.stop_list,
             seed=request.seed,
+            logit_bias=self._logit_bias(request.logit_bias),
+            logprobs=request.top_logprobs_count,
+            constraint=constraint,
         )
+
+    def prepare_text(self, prompt: str | list[int], request: Any) -> Prepared:
+        """A raw prompt (legacy completions: text or token ids, no chat template) with the
+        request's sampling; BadRequest for ids outside the vocabulary or past the context."""
+        self._check_choices(request.n)
+        if isinstance(prompt, str):
+            input_ids = [int(t) for t in self.tokenizer.encode(prompt)]
+        else:
+            outside = sorted(t for t in prompt if t >= self.vocab_size)
+            if outside:
+                raise BadRequest(
+                    f"prompt: token id {outside[0]} is outside this model's vocabulary "
+                    f"(0 to {self.vocab_size - 1})",
+                    details={"param": "prompt"},
+                )
+            input_ids = list(prompt)
+        if not input_ids:
+            raise BadRequest("prompt is empty once tokenized", details={"param": "prompt"})
+        max_tokens = request.max_tokens
+        if max_tokens:
+            max_tokens = self._max_tokens(len(input_ids), max_tokens)
+        elif len(input_ids) > self.context_length:
+            raise BadRequest(
+                f"This model's maximum context length is {self.context_length} tokens; the "
+                f"prompt has {len(input_ids)}."
+            )
+        scored = request.logprobs
+        return Prepared(
+            input_ids=input_ids,
+            max_tokens=max_tokens,
+            n=request.n,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            stop=request.stop_list,
+            seed=request.seed,
+            logit_bias=self._logit_bias(request.logit_bias),
+            logprobs=scored,
+            prompt_logprobs=scored if request.echo else None,
+        )
+
+    def _check_choices(self, n: int) -> None:
+        if self.max_choices is not None and n > self.max_choices:
+            raise BadRequest(
+                f"n is {n}; this model's engine runs at most {self.max_choices} choices of a "
+                "request at once (its max_num_seqs)",
+                details={"param": "n", "limit": self.max_choices},
+            )
+
+    def _max_tokens(self, prompt: int, requested: int | None) -> int:
+        room = self.context_length - prompt
+        if requested is None:
+            if room < 1:
+                raise BadRequest(
+                    f"This model's maximum context length is {self.context_length} tokens; "
+                    f"the messages use {prompt} tokens, leaving no room for a completion."
+                )
+            return min(self.default_max_tokens, room)
+        if prompt + requested > self.context_length:
+            raise BadRequest(
+                f"This model's maximum context length is {self.context_length} tokens. "
+                f"However, you requested {prompt + requested} tokens ({prompt} in the "
+                f"messages, {requested} in the completion). Please reduce the length of "
+                "the messages or max_tokens."
+            )
+        return requested
+
+    def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
+        out = {int(k): float(v) for k, v in (bias or {}).items()}
+        outside = sorted(t for t in out if t >= self.vocab_size)
+        if outside:
+            raise BadRequest(
+                f"logit_bias: token id {outside[0]} is outside this model's vocabulary "
+                f"(0 to {self.vocab_size - 1})",
+                details={"param": "logit_bias"},
+            )
+        return out
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.grammars.token_bytes(token)
 
     def decode(self, tokens: list[int]) -> str:
         return str(self.tokenizer.decode(tokens, skip_special_tokens=True))
@@ -205,3 +309,46 @@ class ChatEngine(Prompter):
         self.model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, dtype))
         self.model.to(self.device).eval()
         super().__init__(location, settings, self.model)
+
+
+def constraint_of(request: Any) -> Constraint | None:
+    """What a request's output must be: the forced tool call(s) (tool_choice required or a
+    named function), else ``structured_outputs`` or ``response_format``; None for free text."""
+    mode = request.tool_mode
+    if mode == "named":
+        (tool,) = request.forced_tools
+        return Constraint.of(
+            "tool_calls", tool.function.parameters_schema, f"tools[{tool.function.name}].parameters"
+        )
+    if mode == "required":
+        calls = [
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"const": t.function.name},
+                    "parameters": t.function.parameters_schema,
+                },
+                "required": ["name", "parameters"],
+                "additionalProperties": False,
+            }
+            for t in request.forced_tools
+        ]
+        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        if not request.parallel_tool_calls:
+            schema["maxItems"] = 1
+        return Constraint.of("tool_calls", schema, "tools")
+    extension = request.structured_outputs
+    if extension is not None:
+        if extension.regex is not None:
+            return Constraint.regex(extension.regex, "structured_outputs.regex")
+        if extension.choice is not None:
+            return Constraint.choice(extension.choice, "structured_outputs.choice")
+        return Constraint.of("json_schema", extension.json_ or {}, "structured_outputs.json")
+    fmt = request.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return Constraint.of("json_object", {"type": "object"}, "response_format")
+    spec = fmt.json_schema
+    schema = spec.schema_ if spec.schema_ is not None else {"type": "object"}
+    return Constraint.of("json_schema", schema, "response_format.json_schema.schema")

@@ -83,11 +83,38 @@ class InputLimits:
         self.dimensions = dimensions
         self.max_seq_length = max_seq_length
         self.truncate = truncate
+        self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
 
     @property
     def max_input_tokens(self) -> int:
         """Tokens of one text the model reads, special tokens (e.g. [CLS], [SEP]) excluded."""
         return self.max_seq_length - self.count.special
+
+    def texts(self, inputs: Sequence[str | list[int]]) -> list[str]:
+        """The inputs as texts: token-id arrays (OpenAI's and vLLM's token input) checked
+        against the model's vocabulary and decoded with its tokenizer (special tokens
+        dropped: the model adds its own), so they embed as their text does."""
+        out = []
+        for i, item in enumerate(inputs):
+            if isinstance(item, str):
+                out.append(item)
+                continue
+            outside = [t for t in item if t >= self.vocab_size]
+            if outside:
+                raise BadRequest(
+                    f"input[{i}]: token id {outside[0]} is outside this model's vocabulary "
+                    f"(0 to {self.vocab_size - 1})",
+                    details={"param": "input", "index": i},
+                )
+            text = str(self.tokenizer.decode(item, skip_special_tokens=True))
+            if not text.strip():
+                raise BadRequest(
+                    f"input[{i}] holds no text once its special tokens are dropped",
+                    details={"param": "input", "index": i},
+                )
+            out.append(text)
+        return out
 
     def prepare(self, texts: Sequence[str], dimensions: int | None = None) -> int:
         """Prompt tokens of ``texts``; BadRequest for an over-long text (unless truncating) or

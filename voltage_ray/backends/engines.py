@@ -2,10 +2,12 @@
 
 An engine turns a :class:`Prepared` prompt into a stream of step events (``list[StepEvent]``)
 ending with :class:`Finished` (tokens per choice); leaving the stream early (the caller went
-away, a deadline passed) cancels the generation. Two engines implement it: ``transformers``
-(voltage_ray's continuous-batching scheduler, CPU and GPU) and ``vllm`` (vLLM's ``AsyncLLM``,
-GPU; ``backends/vllm_engine.py``). Both build prompts with the same :class:`Prompter`, so token
-counts, the context check, usage and finish reasons agree whichever engine runs.
+away, a deadline passed) cancels the generation. Three engines implement it: ``transformers``
+(voltage_ray's continuous-batching scheduler over a transformers model, CPU and GPU),
+``llama_cpp`` (the same scheduler over llama.cpp, GGUF on CPU; ``backends/llama_cpp_engine.py``)
+and ``vllm`` (vLLM's ``AsyncLLM``, GPU; ``backends/vllm_engine.py``). All build prompts with the
+same :class:`Prompter`, so token counts, the context check, usage and finish reasons agree
+whichever engine runs; ``backends/factory.py`` picks one per model.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import asyncio
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, Protocol
 
-from voltage_ray.backends.batching import BatchScheduler, Finished
-from voltage_ray.backends.chat import ChatEngine, Prepared, Prompter, StepEvent
+from voltage_ray.backends.batching import BatchScheduler
+from voltage_ray.backends.chat import ChatEngine, Finished, Prepared, Prompter, StepEvent
+from voltage_ray.backends.scheduler import Scheduler
 from voltage_ray.config import ChatSettings
 
 Events = AsyncGenerator[list[StepEvent] | Finished, None]
@@ -45,29 +48,13 @@ class ChatBackend(Protocol):
     def shutdown(self) -> None: ...
 
 
-class TransformersBackend:
-    """voltage_ray's continuous-batching scheduler over a transformers model."""
+class SchedulerBackend:
+    """An engine whose forward passes a voltage_ray :class:`Scheduler` drives (transformers,
+    llama.cpp): requests go to its thread, events come back on the caller's event loop."""
 
-    name = "transformers"
-
-    def __init__(
-        self,
-        location: str,
-        settings: ChatSettings,
-        on_step: Callable[[int], None] | None = None,
-        on_admit: Callable[[float], None] | None = None,
-    ) -> None:
-        self.engine = ChatEngine(location, settings)
-        self.prompter: Prompter = self.engine
-        self.scheduler = BatchScheduler(
-            self.engine.model,
-            self.engine.decode,
-            self.engine.eos_ids,
-            max_num_seqs=settings.max_num_seqs,
-            max_prefill_tokens=settings.max_prefill_tokens,
-            on_step=on_step,
-            on_admit=on_admit,
-        )
+    name = ""
+    prompter: Prompter
+    scheduler: Scheduler
 
     async def stream(self, prepared: Prepared) -> Events:
         loop = asyncio.get_running_loop()
@@ -91,10 +78,6 @@ class TransformersBackend:
     def stats(self) -> dict[str, Any]:
         return self.scheduler.stats()
 
-    def placement(self) -> dict[str, str]:
-        model = self.engine.model
-        return {"device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")}
-
     @property
     def alive(self) -> bool:
         return self.scheduler.alive
@@ -103,18 +86,31 @@ class TransformersBackend:
         self.scheduler.shutdown()
 
 
-def build_backend(
-    location: str,
-    settings: ChatSettings,
-    num_gpus: float,
-    on_step: Callable[[int], None] | None = None,
-    on_admit: Callable[[float], None] | None = None,
-) -> ChatBackend:
-    """The engine ``settings.engine`` names, loaded from ``location``. ``on_step`` hears each
-    decode step's batch size and ``on_admit`` each request's wait for a row (transformers; vLLM
-    reports both in its own metrics)."""
-    if settings.engine == "vllm":
-        from voltage_ray.backends.vllm_engine import VLLMBackend
+class TransformersBackend(SchedulerBackend):
+    """voltage_ray's continuous-batching scheduler over a transformers model."""
 
-        return VLLMBackend(location, settings, num_gpus)
-    return TransformersBackend(location, settings, on_step, on_admit)
+    name = "transformers"
+
+    def __init__(
+        self,
+        location: str,
+        settings: ChatSettings,
+        on_step: Callable[[int], None] | None = None,
+        on_admit: Callable[[float], None] | None = None,
+    ) -> None:
+        self.engine = ChatEngine(location, settings)
+        self.prompter = self.engine
+        self.scheduler = BatchScheduler(
+            self.engine.model,
+            self.engine.decode,
+            self.engine.eos_ids,
+            max_num_seqs=settings.max_num_seqs,
+            max_prefill_tokens=settings.max_prefill_tokens,
+            on_step=on_step,
+            on_admit=on_admit,
+            grammars=self.engine.grammars,
+        )
+
+    def placement(self) -> dict[str, str]:
+        model = self.engine.model
+        return {"device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")}

@@ -119,6 +119,33 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(str(out_dir))
 
 
+def save_gguf_tokenizer(gguf_file: Path, out_dir: Path) -> None:
+    """The tokenizer, config and generation config of a GGUF model, without its weights: what
+    an engine that runs the GGUF itself (llama.cpp) needs for prompts and token counts."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    kwargs = {"gguf_file": gguf_file.name}
+    AutoTokenizer.from_pretrained(str(gguf_file.parent), **kwargs).save_pretrained(str(out_dir))
+    config = AutoConfig.from_pretrained(str(gguf_file.parent), **kwargs)
+    config.save_pretrained(str(out_dir))
+    GenerationConfig.from_model_config(config).save_pretrained(str(out_dir))
+
+
+def gguf_file(source: GGUFSource) -> Path:
+    """The GGUF file a source names; FileNotFoundError (with its install hint) when missing."""
+    problem = unavailable(source)
+    if problem is not None:
+        raise FileNotFoundError(problem)
+    return resolve_path(source.gguf)
+
+
+def materialize_tokenizer(source: GGUFSource, cache_dir: Path) -> str:
+    """A directory with the GGUF model's tokenizer and configs (built once in ``cache_dir``)."""
+    path = gguf_file(source)
+    target = gguf_cache_dir(path, cache_dir / "tokenizers")
+    return str(build_once(target, lambda tmp: save_gguf_tokenizer(path, tmp)))
+
+
 def materialize(source: ModelSource, cache_dir: Path) -> str:
     """A hub id or local directory that ``from_pretrained`` opens, building/converting if needed."""
     if isinstance(source, HubSource):

@@ -13,12 +13,20 @@ from __future__ import annotations
 import importlib.util
 import logging
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
-from voltage_ray.backends.batching import Finished
-from voltage_ray.backends.chat import Prepared, Prompter, StepEvent
+from voltage_ray.backends.chat import (
+    Finished,
+    Prepared,
+    Prompter,
+    PromptScored,
+    StepEvent,
+    TokenLogprobs,
+)
 from voltage_ray.backends.engines import Events
 from voltage_ray.config import ChatSettings
+from voltage_ray.errors import BadRequest
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +44,14 @@ def vllm_installed() -> bool:
 
 
 def sampling_kwargs(p: Prepared) -> dict[str, Any]:
-    """``SamplingParams`` keyword arguments for a prepared request (output kind added apart).
+    """``SamplingParams`` keyword arguments for a prepared request (output kind and structured
+    outputs added apart, as they need vLLM's own classes).
 
     Greedy is ``temperature 1, top_k 1`` (still the argmax): vLLM refuses ``temperature 0``
-    with ``n > 1``, which the transformers engine (and OpenAI) accept.
+    with ``n > 1``, which the transformers engine (and OpenAI) accept. ``logprobs`` is vLLM's
+    count of alternatives (the sampled token comes with them); vLLM's default ``raw_logprobs``
+    mode reports the distribution the CPU sampler reports: the model's, after the grammar mask,
+    before logit_bias, penalties, temperature and top_p.
     """
     greedy = p.temperature == 0
     return {
@@ -51,10 +63,54 @@ def sampling_kwargs(p: Prepared) -> dict[str, Any]:
         "presence_penalty": p.presence_penalty,
         "frequency_penalty": p.frequency_penalty,
         "stop": list(p.stop),
-        "max_tokens": p.max_tokens,
+        "max_tokens": max(1, p.max_tokens),  # 0 (scoring the prompt): one token, discarded
         "include_stop_str_in_output": False,
         "skip_special_tokens": True,
+        "logprobs": p.logprobs,
+        "logit_bias": dict(p.logit_bias) or None,
+        "prompt_logprobs": p.prompt_logprobs,
     }
+
+
+def structured_outputs_kwargs(p: Prepared) -> dict[str, Any] | None:
+    """``StructuredOutputsParams`` keyword arguments for the request's constraint: the same JSON
+    schema (with the same compact whitespace), regex or choice the CPU engines enforce."""
+    c = p.constraint
+    if c is None:
+        return None
+    if c.kind == "json_object":
+        return {"json_object": True, "disable_any_whitespace": True}
+    if c.kind == "regex":
+        return {"regex": c.spec}
+    if c.kind == "choice":
+        return {"choice": c.choices}
+    return {"json": c.schema_dict, "disable_any_whitespace": True}
+
+
+def scored(
+    token_ids: Sequence[int], logprobs: Any, k: int, eos_ids: frozenset[int]
+) -> list[TokenLogprobs]:
+    """vLLM's per-token logprob dicts (token id -> Logprob with ``logprob`` and ``rank``) as
+    the engine-neutral :class:`TokenLogprobs`, end-of-sequence tokens left out."""
+    out = []
+    for token, candidates in zip(token_ids, logprobs or [], strict=False):
+        if token in eos_ids:
+            continue
+        ranked = sorted(
+            ((t, lp) for t, lp in candidates.items() if lp.rank is not None and lp.rank <= k),
+            key=lambda item: item[1].rank,
+        )
+        top = [(int(t), float(lp.logprob)) for t, lp in ranked[:k]]
+        out.append(TokenLogprobs(int(token), float(candidates[token].logprob), top))
+    return out
+
+
+def prompt_scored(p: Prepared, logprobs: Sequence[Any]) -> PromptScored:
+    """vLLM's prompt logprobs (None for the first token, then dicts as for generated tokens)
+    as the engine-neutral :class:`PromptScored`."""
+    k = p.prompt_logprobs or 0
+    rest = scored(p.input_ids[1:], logprobs[1:], k, frozenset())
+    return PromptScored(list(p.input_ids), [None, *rest])
 
 
 def gpu_memory_utilization(settings: ChatSettings, num_gpus: float) -> float:
@@ -120,9 +176,14 @@ class VLLMBackend:
     async def stream(self, prepared: Prepared) -> Events:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-        params = SamplingParams(**sampling_kwargs(prepared), output_kind=RequestOutputKind.DELTA)
+        structured = structured_outputs_kwargs(prepared)
+        params = SamplingParams(
+            **sampling_kwargs(prepared),
+            output_kind=RequestOutputKind.DELTA,
+            structured_outputs=StructuredOutputsParams(**structured) if structured else None,
+        )
         request_id = uuid.uuid4().hex
         used = [0] * prepared.n
         completed = False
@@ -130,20 +191,29 @@ class VLLMBackend:
         self.requests += 1
         prompt = TokensPrompt(prompt_token_ids=prepared.input_ids)
         outputs = self.engine.generate(prompt, params, request_id)
+        k, eos = prepared.logprobs, self.prompter.eos_ids
         try:
             async for out in outputs:
+                if prepared.prompt_logprobs is not None and out.prompt_logprobs is not None:
+                    yield prompt_scored(prepared, out.prompt_logprobs)
+                    if prepared.max_tokens == 0:
+                        yield Finished([0] * prepared.n)
+                        return  # completed stays False: the finally aborts the one token
                 events = []
                 for o in out.outputs:
                     used[o.index] += len(o.token_ids)
                     reason = o.finish_reason if o.finish_reason in ("stop", "length") else None
-                    if o.text or reason:
-                        events.append(StepEvent(o.index, o.text, reason, used[o.index]))
+                    lps = [] if k is None else scored(o.token_ids, o.logprobs, k, eos)
+                    if o.text or reason or lps:
+                        events.append(StepEvent(o.index, o.text, reason, used[o.index], lps))
                 if events:
                     yield events
                 if out.finished:
                     completed = True
                     yield Finished(list(used))
                     return
+        except ValueError as exc:  # vLLM's own validation (VLLMValidationError): the request's
+            raise BadRequest(f"The vllm engine refused the request: {exc}") from None
         finally:
             self.rows -= prepared.n
             self.requests -= 1

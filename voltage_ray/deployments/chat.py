@@ -2,13 +2,16 @@
 
 ``chat`` returns a whole :class:`ChatCompletionResponse`; ``chat_stream`` yields
 :class:`ChatCompletionChunk`s and always ends with a usage chunk (``choices == []``), which the
-ingress forwards only when the client asked for it. The engine (``chat.engine`` in the config:
-transformers' continuous batching, or vLLM) batches all requests of a replica; cancelling the
-caller (client disconnect, deadline) cancels its request in the engine.
+ingress forwards only when the client asked for it. ``complete`` and ``complete_stream`` do the
+same for legacy text completions (:class:`CompletionResponse`: raw prompts, no chat
+template). The engine (``chat.engine`` in the config: llama.cpp or transformers continuous
+batching on CPU, vLLM on GPU) batches all requests of a replica; cancelling the caller (client
+disconnect, deadline) cancels its request in the engine.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -17,24 +20,23 @@ from typing import Any
 
 from ray.util import metrics
 
-from voltage_ray.backends.batching import Finished
-from voltage_ray.backends.chat import Prepared, StepEvent
-from voltage_ray.backends.engines import build_backend
-from voltage_ray.backends.sources import materialize
+from voltage_ray.backends.chat import Finished, Prepared, PromptScored, StepEvent
+from voltage_ray.backends.factory import build_backend
 from voltage_ray.config import ModelConfig
+from voltage_ray.deployments.chat_output import ChoiceOutput, tool_parser
+from voltage_ray.deployments.completion_output import CompletionOutput, merge
 from voltage_ray.metrics import ReplicaMetrics
 from voltage_ray.protocol.chat import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    Choice,
     ChunkChoice,
     Delta,
-    ResponseMessage,
     completion_id,
     now,
 )
 from voltage_ray.protocol.common import Usage
+from voltage_ray.protocol.completions import CompletionChoice, CompletionRequest, CompletionResponse
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +50,6 @@ class ChatServer:
         self.config = ModelConfig.model_validate(model)
         settings = self.config.chat
         assert settings is not None
-        location = materialize(self.config.source, Path(cache_dir))
         self._exported_at = 0.0
         self.metrics = ReplicaMetrics(self.config.id, "chat")
         self._running = metrics.Gauge(
@@ -60,11 +61,7 @@ class ChatServer:
             tag_keys=("model",),
         )
         self.backend = build_backend(
-            location,
-            settings,
-            self.config.deployment.ray_actor_options.num_gpus,
-            on_step=self._on_step,
-            on_admit=self.metrics.waited,
+            self.config, Path(cache_dir), on_step=self._on_step, on_admit=self.metrics.waited
         )
         self.prompter = self.backend.prompter
         self._stats = {"generations": 0, "cancelled": 0, "active": 0}
@@ -117,9 +114,26 @@ class ChatServer:
         }
 
     async def prepare(self, request: ChatCompletionRequest | dict[str, Any]) -> dict[str, int]:
-        """Prompt tokens and resolved max_tokens of a request (for admission), or a BadRequest."""
-        p = self.prompter.prepare(ChatCompletionRequest.model_validate(request))
+        """Prompt tokens and resolved max_tokens of a request (for admission), or a BadRequest
+        (a schema that cannot be enforced among them: compiled here, once, and cached)."""
+        _, p = await self._prepare(request)
         return {"prompt_tokens": p.prompt_tokens, "max_tokens": p.max_tokens, "n": p.n}
+
+    async def _prepare(
+        self, request: ChatCompletionRequest | dict[str, Any]
+    ) -> tuple[ChatCompletionRequest, Prepared]:
+        """Validate and tokenize in a worker thread: a long prompt or a cold grammar compile
+        never blocks this replica's event loop (llguidance and tokenizers drop the GIL)."""
+        req = ChatCompletionRequest.model_validate(request)
+        return req, await asyncio.to_thread(self.prompter.prepare, req)
+
+    def _outputs(self, req: ChatCompletionRequest, prepared: Prepared) -> list[ChoiceOutput]:
+        assert self.config.chat is not None
+        parser, scored = self.config.chat.tool_parser, prepared.logprobs is not None
+        return [
+            ChoiceOutput(i, tool_parser(req, parser), self.prompter.token_bytes, scored)
+            for i in range(prepared.n)
+        ]
 
     async def _events(self, prepared: Prepared) -> AsyncIterator[list[StepEvent] | Finished]:
         """The engine's events for one request, with the replica's counters."""
@@ -141,26 +155,20 @@ class ChatServer:
             self._export(self.backend.stats())
 
     async def chat(self, request: ChatCompletionRequest | dict[str, Any]) -> ChatCompletionResponse:
-        req = ChatCompletionRequest.model_validate(request)
-        prepared = self.prompter.prepare(req)
-        texts = [""] * prepared.n
-        reasons: list[str | None] = [None] * prepared.n
+        req, prepared = await self._prepare(request)
+        outputs = self._outputs(req, prepared)
         completion = 0
         async for item in self._events(prepared):
             if isinstance(item, Finished):
                 completion = sum(item.tokens)
                 continue
             for ev in item:
-                texts[ev.index] += ev.text
-                reasons[ev.index] = ev.finish_reason or reasons[ev.index]
+                outputs[ev.index].add(ev)
         return ChatCompletionResponse(
             id=completion_id(),
             created=now(),
             model=self.config.id,
-            choices=[
-                Choice(index=i, message=ResponseMessage(content=t), finish_reason=r)  # type: ignore[arg-type]
-                for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
-            ],
+            choices=[out.choice() for out in outputs],
             usage=Usage(
                 prompt_tokens=prepared.prompt_tokens,
                 completion_tokens=completion,
@@ -173,8 +181,8 @@ class ChatServer:
     ) -> AsyncIterator[ChatCompletionChunk]:
         """Chunks of one completion. Every chunk carries the usage so far (callers that follow
         OpenAI's format strip it); the last chunk has no choices and the final usage."""
-        req = ChatCompletionRequest.model_validate(request)
-        prepared = self.prompter.prepare(req)  # a BadRequest here precedes the first chunk
+        req, prepared = await self._prepare(request)  # a BadRequest here precedes the first chunk
+        outputs = self._outputs(req, prepared)
         cid, created, model = completion_id(), now(), self.config.id
         row_tokens = [0] * prepared.n
 
@@ -198,9 +206,121 @@ class ChatServer:
                 return
             for ev in item:
                 row_tokens[ev.index] = ev.tokens
-                if ev.text:
-                    yield chunk([ChunkChoice(index=ev.index, delta=Delta(content=ev.text))])
-                if ev.finish_reason is not None:
-                    reason: Any = ev.finish_reason  # "stop" or "length"
-                    done = ChunkChoice(index=ev.index, delta=Delta(), finish_reason=reason)
-                    yield chunk([done])
+                for choice in outputs[ev.index].deltas(ev):
+                    yield chunk([choice])
+
+    # --- legacy text completions ---------------------------------------------------------------
+
+    async def prepare_completion(
+        self, request: CompletionRequest | dict[str, Any]
+    ) -> dict[str, int]:
+        """As :meth:`prepare`, for a completions request: its prompts' tokens, the max_tokens
+        of each choice and the number of choices (``n`` per prompt)."""
+        _, prepared = await self._prepare_completion(request)
+        return {
+            "prompt_tokens": sum(p.prompt_tokens for p in prepared),
+            "max_tokens": prepared[0].max_tokens,
+            "n": sum(p.n for p in prepared),
+        }
+
+    async def _prepare_completion(
+        self, request: CompletionRequest | dict[str, Any]
+    ) -> tuple[CompletionRequest, list[Prepared]]:
+        req = CompletionRequest.model_validate(request)
+
+        def prepare() -> list[Prepared]:
+            return [self.prompter.prepare_text(prompt, req) for prompt in req.prompts]
+
+        return req, await asyncio.to_thread(prepare)
+
+    async def complete(self, request: CompletionRequest | dict[str, Any]) -> CompletionResponse:
+        req, prepared = await self._prepare_completion(request)
+        outputs = self._completion_outputs(req, prepared)
+        used = [0] * len(prepared)
+        async for _ in self._completion_pieces(req, prepared, outputs, used):
+            pass
+        completion = sum(used)
+        prompt = sum(p.prompt_tokens for p in prepared)
+        return CompletionResponse(
+            id=completion_id("cmpl"),
+            created=now(),
+            model=self.config.id,
+            choices=[out.choice() for out in outputs],
+            usage=Usage(
+                prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+            ),
+        )
+
+    async def complete_stream(
+        self, request: CompletionRequest | dict[str, Any]
+    ) -> AsyncIterator[CompletionResponse]:
+        """Chunks of a completions request, each with the usage so far; the last has no
+        choices and the final usage (as :meth:`chat_stream`)."""
+        req, prepared = await self._prepare_completion(request)
+        outputs = self._completion_outputs(req, prepared)
+        cid, created, model = completion_id("cmpl"), now(), self.config.id
+        prompt = sum(p.prompt_tokens for p in prepared)
+        used = [0] * len(prepared)
+
+        def chunk(choices: list[CompletionChoice]) -> CompletionResponse:
+            completion = sum(used)
+            usage = Usage(
+                prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+            )
+            return CompletionResponse(
+                id=cid, created=created, model=model, choices=choices, usage=usage
+            )
+
+        async for piece in self._completion_pieces(req, prepared, outputs, used):
+            yield chunk([piece])
+        yield chunk([])
+
+    def _completion_outputs(
+        self, req: CompletionRequest, prepared: list[Prepared]
+    ) -> list[CompletionOutput]:
+        def token_text(token: int) -> str:
+            return self.prompter.token_bytes(token).decode("utf-8", errors="replace")
+
+        scoring = req.logprobs is not None
+        return [
+            CompletionOutput(i * req.n + j, token_text, scoring)
+            for i in range(len(prepared))
+            for j in range(req.n)
+        ]
+
+    async def _completion_pieces(
+        self,
+        req: CompletionRequest,
+        prepared: list[Prepared],
+        outputs: list[CompletionOutput],
+        used: list[int],
+    ) -> AsyncIterator[CompletionChoice]:
+        """Every prompt generates at once; the choices' pieces as they come. Choice ``j`` of
+        prompt ``i`` is ``outputs[i * n + j]``; ``used[i]``: prompt ``i``'s tokens so far."""
+        n = req.n
+        tokens = [[0] * n for _ in prepared]
+        echo_waits_for_scores = req.echo and req.logprobs is not None
+        if req.echo and not echo_waits_for_scores:
+            for i, prompt in enumerate(req.prompts):
+                for j in range(n):
+                    yield outputs[i * n + j].echo(self._prompt_text(prompt), None)
+        async for i, item in merge([self._events(p) for p in prepared]):
+            if isinstance(item, PromptScored):
+                if echo_waits_for_scores:
+                    for j in range(n):
+                        yield outputs[i * n + j].echo(self._prompt_text(req.prompts[i]), item)
+                continue
+            if isinstance(item, Finished):
+                used[i] = sum(item.tokens)
+                for j in range(n):
+                    out = outputs[i * n + j]
+                    if out.finish_reason is None:  # max_tokens 0: the prompt scored, no tokens
+                        yield out.add(StepEvent(j, "", "length"))
+                continue
+            for ev in item:
+                tokens[i][ev.index] = ev.tokens
+                used[i] = sum(tokens[i])
+                yield outputs[i * n + ev.index].add(ev)
+
+    def _prompt_text(self, prompt: str | list[int]) -> str:
+        return prompt if isinstance(prompt, str) else self.prompter.decode(prompt)

@@ -288,7 +288,7 @@ class EmbeddingServer:
     async def embed(self, request: EmbeddingRequest | dict[str, Any]) -> EmbeddingResponse:
         """Embeddings of one request's inputs, in order; BadRequest for what the model refuses."""
         req = EmbeddingRequest.model_validate(request)
-        texts = req.inputs
+        texts = self.limits.texts(req.inputs)
         if sum(len(t) for t in texts) > INLINE_TOKENIZE_CHARS:
             prompt_tokens = await asyncio.to_thread(self.limits.prepare, texts, req.dimensions)
         else:

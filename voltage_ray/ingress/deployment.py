@@ -1,15 +1,22 @@
-"""The Ingress deployment: owns the FastAPI app and the handles of every model deployment."""
+"""The Ingress deployment: owns the FastAPI app and the handles of every model deployment.
+
+It checks keys itself, against a copy of the key store it keeps fresh (``limits/keyring.py``):
+a request with a missing, malformed or unknown key costs no remote call, and failed
+authentications are throttled per client address. Admission and settlement go to the shared
+limiter; settlements are delivered before the response's last byte (``settlement.py``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
+import ray
 from fastapi import FastAPI, Request
 from ray import serve
 
@@ -23,36 +30,29 @@ from voltage_ray.errors import (
     VoltageError,
 )
 from voltage_ray.ingress.api import create_api
-from voltage_ray.ingress.auth import presented_key
+from voltage_ray.ingress.auth import client_address, presented_key
 from voltage_ray.ingress.coalesce import Coalescer
+from voltage_ray.ingress.services import Ticket
+from voltage_ray.ingress.settlement import REQUEST, SettleBeforeLastByte
 from voltage_ray.limits.client import LimiterClient, get_or_create_limiter
-from voltage_ray.limits.limiter import Grant, Principal
+from voltage_ray.limits.keyring import Failure, KeyRing
+from voltage_ray.limits.limiter import Principal
+from voltage_ray.limits.throttle import FailureThrottle
 from voltage_ray.metrics import IngressMetrics
+from voltage_ray.protocol.common import set_unknown_fields
 
 logger = logging.getLogger(__name__)
 
 READY_STATES = frozenset({"HEALTHY", "UPSCALING", "DOWNSCALING"})
 STATUS_CACHE_S = 1.0
+STATUS_STALE_S = 5.0  # an older view is refreshed before it is used
 ROUTABLE_POLL_S = 0.25  # how often a try waiting for a replica asks Serve again
 INPUTS_PER_SHARED_CALL = 256  # embeddings inputs one shared call carries at most
 
 
-@dataclass
-class Ticket:
-    """One admitted request: what it reserved, and the headers its response carries."""
-
-    principal: Principal
-    endpoint: str
-    model: str
-    reserved_tokens: int = 0
-    reserved_images: int = 0
-    headers: dict[str, str] = field(default_factory=dict)
-    settled: bool = False
-    grant: Grant | None = None  # None when limits are disabled
-
-
 class Ingress:
-    """Routes requests to model deployments. Undecorated; the builder wraps it for Serve."""
+    """Routes requests to model deployments (the routes see it as :class:`Services`).
+    Undecorated; the builder wraps it for Serve."""
 
     async def __init__(
         self,
@@ -61,6 +61,7 @@ class Ingress:
         deployment_names: dict[str, str],
     ) -> None:
         self.config = AppConfig.model_validate(config)
+        set_unknown_fields(self.config.ingress.unknown_fields)  # for this replica's requests
         self.handles = handles  # model id -> DeploymentHandle
         self.deployment_names = deployment_names  # model id -> Serve deployment name
         self.by_name: dict[str, ModelConfig] = {
@@ -75,23 +76,76 @@ class Ingress:
         self.limiter = LimiterClient(
             lambda: get_or_create_limiter(*limiter_args, self.limits.node_resource),
             timeout_s=self.limits.timeout_s,
+            owner=replica_owner(),
         )
         await self.limiter.call("configure", *limiter_args, timeout_s=60)
+        self.keys = KeyRing()
+        await self.limiter.sync_keys(self.keys)  # serve with every key known
+        self._following: asyncio.Task[None] | None = None
+        self._follow_keys()
+        auth = self.config.auth
+        self.trusted_proxies = auth.networks()
+        self.throttle = (
+            FailureThrottle(auth.failures_per_minute) if auth.failures_per_minute else None
+        )
+        self._slowed = 0  # throttled failures waiting before their 429
+        self._max_slowed = max(1, self.config.ingress.deployment.max_ongoing_requests // 4)
         self._status_cache: tuple[float, dict[str, tuple[bool, int]]] | None = None
         self._status_refresh: asyncio.Task[dict[str, tuple[bool, int]]] | None = None
         self._coalescers: dict[str, Coalescer] = {}
+        self._occupied: dict[str, int] = {m.id: 0 for m in self.config.models}
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_api(self)
+        app = create_api(self)
+        # NOTE: added last, so outermost: it sees the final status and the body's last byte.
+        app.add_middleware(SettleBeforeLastByte, deliver=self.deliver)
+        return app
 
     async def authenticate(self, request: Request) -> Principal:
-        """The caller, or Unauthorized. Answers are cached briefly per replica."""
-        key_id, key_hash = presented_key(request)
-        principal = await self.limiter.authenticate(key_id, key_hash)
+        """The caller, checked in this replica (no remote call); else a 401, or a 429 once the
+        client's address has failed too often."""
+        self._follow_keys()
+        principal, failure = self.keys.verify(presented_key(request))
         if principal is None:
-            raise Unauthorized()
+            raise await self._refusal(request, failure or "missing")
         request.state.principal = principal
         return principal
+
+    async def _refusal(self, request: Request, failure: Failure) -> VoltageError:
+        """401, or 429 once the client's address failed too often: answered after
+        ``auth.throttled_delay_s`` (a flood from a few connections then costs next to nothing),
+        unless too many already wait."""
+        wait = 0
+        if self.throttle is not None:
+            address = client_address(request.scope, self.trusted_proxies)
+            wait = self.throttle.fail(address, time.monotonic())
+        status = "429" if wait else "401"
+        self.metrics.auth_failures.inc(tags={"reason": failure, "status": status})
+        if not wait:
+            return Unauthorized()
+        if self._slowed < self._max_slowed:
+            self._slowed += 1
+            try:
+                await asyncio.sleep(self.config.auth.throttled_delay_s)
+            finally:
+                self._slowed -= 1
+        limit = self.config.auth.failures_per_minute
+        return RateLimited(
+            "Too many failed authentications from this address; retry later",
+            details={
+                "retry_after": wait,
+                "limit": "auth_failures_per_minute",
+                "limit_value": limit,
+            },
+            headers={"Retry-After": str(wait)},
+        )
+
+    def _follow_keys(self) -> None:
+        """Keep the keys fresh, from the loop requests run on (started with the replica; started
+        again here if that task ended or runs on another loop)."""
+        task, loop = self._following, asyncio.get_running_loop()
+        if task is None or task.done() or task.get_loop() is not loop:
+            self._following = loop.create_task(self.limiter.follow_keys(self.keys))
 
     async def admit(
         self, principal: Principal, *, endpoint: str, model: str, tokens: int = 0, images: int = 0
@@ -113,16 +167,41 @@ class Ingress:
                 tags={"reason": rejection_reason(refused), "plan": principal.plan}
             )
             raise
-        return Ticket(principal, endpoint, model, tokens, images, grant.headers, grant=grant)
+        ticket = Ticket(principal, endpoint, model, tokens, images, grant.headers, grant=grant)
+        request = REQUEST.get()
+        if request is None:
+            ticket.in_request = False
+        else:
+            request.tickets.append(ticket)
+        return ticket
 
     async def settle(self, ticket: Ticket, *, tokens: int = 0, images: int = 0) -> None:
-        """Phase two: account what was used and release the rest. Idempotent, never blocks:
-        the settlement is queued and delivered (with retries) by the limiter client."""
-        if ticket.settled:
-            return
-        ticket.settled = True
-        if ticket.grant is not None:
-            self.limiter.settle(ticket.grant, max(0, int(tokens)), max(0, int(images)))
+        """Phase two: record what the request used. It reaches the limiter (which releases the
+        rest of the reservation) before the response's last byte leaves; a response that is an
+        error bills nothing (SettleBeforeLastByte)."""
+        ticket.used = (max(0, int(tokens)), max(0, int(images)))
+        if not ticket.in_request:
+            await self.deliver([ticket], 200, wait=False)
+
+    async def deliver(self, tickets: list[Ticket], status: int, wait: bool) -> None:
+        """Send the settlements of ``tickets`` not sent yet, for a response of ``status`` (0:
+        none was sent): a success or no response bills what was recorded, an error nothing,
+        and a 503 gives the request back too. ``wait``: until the limiter has them (at most
+        ``limits.timeout_s``; past it they stay queued, and the response goes on)."""
+        sent: list[asyncio.Future[bool]] = []
+        for ticket in tickets:
+            if ticket.settled:
+                continue
+            ticket.settled = True
+            if ticket.grant is None:
+                continue
+            tokens, images = ticket.used if status < 400 else (0, 0)
+            sent.append(self.limiter.settle(ticket.grant, tokens, images, counted=status != 503))
+        if wait and sent:
+            try:
+                await asyncio.wait_for(asyncio.shield(asyncio.gather(*sent)), self.limits.timeout_s)
+            except asyncio.TimeoutError:
+                logger.warning("limiter unavailable: answering before %d settlement(s)", len(sent))
 
     async def __del__(self) -> None:
         """Graceful shutdown: deliver queued settlements, then have the limiter write usage."""
@@ -136,15 +215,11 @@ class Ingress:
     async def metered(
         self, principal: Principal, *, endpoint: str, model: str, tokens: int = 0, images: int = 0
     ) -> AsyncIterator[Ticket]:
-        """admit ... settle; the block settles actual usage, an exit without it settles zero."""
-        ticket = await self.admit(
+        """admit ... settle: the block records actual usage with :meth:`settle`; the response
+        delivers it (an exception's error response bills nothing)."""
+        yield await self.admit(
             principal, endpoint=endpoint, model=model, tokens=tokens, images=images
         )
-        try:
-            yield ticket
-        finally:
-            if not ticket.settled:
-                await asyncio.shield(self.settle(ticket))
 
     def resolve(self, name: str, kind: ModelKind) -> Any:
         """The handle of the ``kind`` model called ``name`` (id or alias), else 404."""
@@ -173,6 +248,29 @@ class Ingress:
             )
         return coalescer
 
+    async def occupy(self, model: ModelConfig) -> bool:
+        """Take the request's place among those ``model`` may hold at once at this replica:
+        what its running replicas take (max_ongoing_requests each) plus its queue
+        (max_queued_requests). False when none is left: the model is at capacity. Held until
+        the response ends, across all of the request's calls (chat: tokenize, then generate),
+        so a request let in is not refused half way. Embeddings calls carry many requests:
+        Serve's own queue bound (on calls) applies to them alone."""
+        queued = model.deployment.max_queued_requests
+        request = REQUEST.get()
+        if request is None or model.id in request.places or model.kind == "embeddings":
+            return True
+        if queued is not None and queued >= 0:
+            _, running = (await self._status()).get(model.id, (False, 0))
+            if self._occupied[model.id] >= model.deployment.max_ongoing_requests * running + queued:
+                return False
+        self._occupied[model.id] += 1
+
+        def release() -> None:
+            self._occupied[model.id] -= 1
+
+        request.places[model.id] = release
+        return True
+
     def default_model(self, kind: ModelKind) -> ModelConfig | None:
         return next((m for m in self.config.models if m.kind == kind), None)
 
@@ -181,13 +279,17 @@ class Ingress:
         return {model_id: ready for model_id, (ready, _) in (await self._status()).items()}
 
     async def _status(self) -> dict[str, tuple[bool, int]]:
-        """Per model id: (healthy, running replicas), at most STATUS_CACHE_S old; concurrent
-        callers share one refresh."""
-        now = time.monotonic()
-        if self._status_cache and now - self._status_cache[0] < STATUS_CACHE_S:
-            return self._status_cache[1]
-        if self._status_refresh is None or self._status_refresh.done():
+        """Per model id: (healthy, running replicas). Past STATUS_CACHE_S a refresh starts in
+        the background and the view in hand answers (so /health stays one step of the event
+        loop, even while the replica is swamped); past STATUS_STALE_S, or after a failure, the
+        caller waits for the refresh. Concurrent callers share one refresh."""
+        cached = self._status_cache
+        age = time.monotonic() - cached[0] if cached else math.inf
+        if age >= STATUS_CACHE_S and (self._status_refresh is None or self._status_refresh.done()):
             self._status_refresh = asyncio.create_task(self._read_status())
+        if cached is not None and age < STATUS_STALE_S:
+            return cached[1]
+        assert self._status_refresh is not None
         return await asyncio.shield(self._status_refresh)
 
     async def _read_status(self) -> dict[str, tuple[bool, int]]:
@@ -225,6 +327,17 @@ class Ingress:
 
     def observe_failover(self, model_id: str, error: str) -> None:
         self.metrics.failovers.inc(tags={"model": model_id, "error": error})
+
+    def observe_overload(self, model_id: str) -> None:
+        self.metrics.overloaded.inc(tags={"model": model_id})
+
+
+def replica_owner() -> tuple[str, Any] | None:
+    """(actor id, actor handle) of the replica this runs in, for the limiter; None outside an
+    actor."""
+    context = ray.get_runtime_context()
+    actor_id = context.get_actor_id()
+    return (actor_id, context.current_actor) if actor_id else None
 
 
 def rejection_reason(refused: VoltageError) -> str:

@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 if TYPE_CHECKING:
-    from voltage_ray.ingress.deployment import Ingress
+    from voltage_ray.ingress.services import Services
     from voltage_ray.limits.limiter import Principal
 
 
-def get_ingress(request: Request) -> Ingress:
-    """The Ingress deployment instance serving this app."""
+def get_ingress(request: Request) -> Services:
+    """The Ingress replica serving this app, as the routes see it."""
     return request.app.state.ingress  # type: ignore[no-any-return]
 
 

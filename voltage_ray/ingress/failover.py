@@ -8,6 +8,11 @@ Errors the model itself raises (a 4xx, a bug's 500) are never retried: another r
 answer the same. A model with no running replica while it should have some (``min_replicas``
 above zero) is skipped at once instead of queueing in Serve's router until the deadline.
 
+A model at capacity is not a failure: when the requests this ingress replica has let in for it
+fill what its replicas run plus its queue (``Ingress.occupy``), or Serve's own bound on the
+queue refuses the call (``max_queued_requests``), the request is answered at once with a 503 and
+``Retry-After``, neither tried again nor billed.
+
 Every try is recorded in the spec's ``attempts`` shape: ``{step, url, status, latency_ms}``,
 ``step`` the Serve deployment tried (``fallback <deployment>`` for a fallback; chat's tokenizing
 call before admission is ``<deployment>:prepare``), ``url`` the route
@@ -26,19 +31,20 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
-from ray.serve.exceptions import DeploymentUnavailableError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from voltage_ray.errors import ServiceUnavailable, unwrap
 
 if TYPE_CHECKING:
     from voltage_ray.config import ModelConfig
-    from voltage_ray.ingress.deployment import Ingress
+    from voltage_ray.ingress.services import Services
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 HEADER = "x-voltage-attempts"
 RETRY_AFTER_S = 1
+OVERLOADED_RETRY_AFTER_S = 1  # a chat row frees within a second or two at full load
 # ActorDiedError and ActorUnavailableError are RayActorErrors.
 REPLICA_GONE = (RayActorError, WorkerCrashedError, NodeDiedError, DeploymentUnavailableError)
 
@@ -86,7 +92,7 @@ class Tries:
 
 
 async def call(
-    ingress: Ingress,
+    ingress: Services,
     model: ModelConfig,
     tries: Tries,
     send: Callable[[ModelConfig], Awaitable[T]],
@@ -95,8 +101,11 @@ async def call(
     """``await send(target)`` for ``model``, then its fallbacks, until one answers.
 
     Raises what ``send`` raised when that is not a replica failure, else (every try failed) a
-    503 whose details carry the attempts.
+    503 whose details carry the attempts; a 503 at once when ``model`` is at capacity.
     """
+    if not await ingress.occupy(model):
+        ingress.observe_overload(model.id)
+        raise overloaded(model, tries)
     for i, target in enumerate([model, *(ingress.by_id[m] for m in model.fallbacks)]):
         step = ingress.deployment_names[target.id] + (f":{method}" if method else "")
         step = f"fallback {step}" if i else step
@@ -108,6 +117,10 @@ async def call(
             try:
                 result = await send(target)
             except Exception as exc:
+                if isinstance(unwrap(exc), BackPressureError):
+                    tries.record(step, ServiceUnavailable.status, started)
+                    ingress.observe_overload(target.id)
+                    raise overloaded(target, tries) from None
                 if not replica_gone(exc):
                     raise
                 tries.record(step, ServiceUnavailable.status, started)
@@ -129,6 +142,16 @@ async def call(
         + " could answer; try again shortly",
         details={"attempts": tries.as_list()},
         headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+def overloaded(model: ModelConfig, tries: Tries) -> ServiceUnavailable:
+    """The 503 for a model whose queue is full."""
+    limit = model.deployment.max_queued_requests
+    return ServiceUnavailable(
+        f"Model '{model.id}' is at capacity; retry shortly",
+        details={"model": model.id, "max_queued_requests": limit, "attempts": tries.as_list()},
+        headers={"Retry-After": str(OVERLOADED_RETRY_AFTER_S)},
     )
 
 

@@ -1,14 +1,17 @@
 """An ingress replica's side of the limiter: one round trip carries many admissions.
 
 Admissions and settlements are queued and sent together in one ``exchange`` call; while one call
-is in flight, the next batch collects. At low load every admission is one round trip of its own;
-under load the round trip is shared, so the limiter's cost per request falls as load rises (a
-Ray actor call costs about a millisecond of CPU, a small model request a few). Each admission in
-a batch is still decided atomically, in arrival order, by the actor.
+is in flight, the next batch collects. At low load every admission or settlement is one round
+trip of its own; under load the round trip is shared, so the limiter's cost per request falls as
+load rises (a Ray actor call costs about a millisecond of CPU, a small model request a few). Each
+admission in a batch is still decided atomically, in arrival order, by the actor.
 
-Settlements never block the request that sends them; they are retried while the limiter is
-unavailable (the reservation holds until the limiter receives them). Admissions fail fast with
-a 503 instead: a request is never admitted unmetered.
+A settlement returns a future that resolves once the limiter has it, so an answer can wait for
+its own billing before its last byte leaves; it is retried while the limiter is unavailable
+(the reservation holds until the limiter receives it). Admissions fail fast with a 503 instead:
+a request is never admitted unmetered. The client also keeps the replica's copy of the keys
+fresh (:meth:`follow_keys`) and registers the replica with the limiter, which voids the holds
+of replicas that died.
 """
 
 from __future__ import annotations
@@ -24,28 +27,39 @@ import ray
 
 from voltage_ray.errors import ServiceUnavailable, VoltageError
 from voltage_ray.limits import limiter as limiter_mod
-from voltage_ray.limits.limiter import Grant, Principal, Settlement
+from voltage_ray.limits.keyring import KeyRing
+from voltage_ray.limits.limiter import Grant, Settlement
 
 logger = logging.getLogger(__name__)
 
-AUTH_CACHE_S = 1.0  # plus the limiter's own 2 s: key changes apply within 3 s (contract: 5 s)
+KEY_SYNC_S = 0.5  # key changes reach every ingress replica within about this (contract: 3 s)
 SETTLE_GIVE_UP_S = 300.0  # past this, an unsettled reservation waits for the limiter's TTL
-SETTLE_DELAY_S = 0.02  # a settlement waits this long for an admission to ride along with
 MAX_BACKOFF_S = 2.0
 RETRY = {"Retry-After": "1"}  # on a 503: the limiter restarts within seconds
 
 
 class LimiterClient:
-    """Calls the shared limiter actor for one process; coalesces admissions and settlements."""
+    """Calls the shared limiter actor for one process; coalesces admissions and settlements.
 
-    def __init__(self, connect: Callable[[], Any], timeout_s: float = 5.0) -> None:
+    ``owner`` is the ingress replica's (actor id, actor handle): its admissions are recorded as
+    its own, and voided by the limiter if Ray reports the replica dead.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], Any],
+        timeout_s: float = 5.0,
+        owner: tuple[str, Any] | None = None,
+    ) -> None:
         self._connect = connect  # returns the actor handle (get or create by name)
         self.actor = connect()
         self._found = time.monotonic()
         self.timeout_s = timeout_s
-        self._auth: dict[tuple[str, str], tuple[float, Principal | None]] = {}
+        self.owner = owner
+        self._registered: str | None = None  # the limiter epoch this replica registered with
+        self._registering: asyncio.Task[None] | None = None
         self._admits: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
-        self._settles: list[Settlement] = []
+        self._settles: list[tuple[Settlement, asyncio.Future[bool]]] = []
         self._failing_since: float | None = None
         self._busy = False
         self._work = self._admitted = asyncio.Event()  # replaced on the running loop
@@ -71,36 +85,46 @@ class LimiterClient:
             self._found = time.monotonic()
             self.actor = self._connect()
 
-    async def authenticate(self, key_id: str, key_hash: str) -> Principal | None:
-        """The key's principal (None for a bad key), cached for AUTH_CACHE_S."""
-        now = time.monotonic()
-        cached = self._auth.get((key_id, key_hash))
-        if cached is not None and now - cached[0] < AUTH_CACHE_S:
-            return cached[1]
-        principal: Principal | None = await self.call("authenticate", key_id, key_hash)
-        if len(self._auth) > 100_000:
-            self._auth.clear()
-        self._auth[(key_id, key_hash)] = (now, principal)
-        return principal
+    # --- keys --------------------------------------------------------------------------------
+
+    async def sync_keys(self, ring: KeyRing) -> None:
+        """Bring ``ring`` up to date with the key store (one call); 503 if unavailable."""
+        ring.apply(await self.call("key_changes", ring.source, ring.seq))
+
+    async def follow_keys(self, ring: KeyRing, every_s: float = KEY_SYNC_S) -> None:
+        """Keep ``ring`` fresh forever; while the limiter is unavailable it keeps what it has."""
+        while True:
+            with contextlib.suppress(ServiceUnavailable):
+                await self.sync_keys(ring)
+            await asyncio.sleep(every_s)
+
+    # --- admission and settlement ------------------------------------------------------------
 
     async def admit(self, key_id: str, models: tuple[str, ...], tokens: int, images: int) -> Grant:
         """Admit through the next exchange; raises the refusal (401/403/429) or a 503."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._admits.append(((key_id, models, tokens, images), future))
-        self._kick()
+        self._kick(admission=True)
         result = await future
         if isinstance(result, VoltageError):
             raise result
         return result
 
-    def settle(self, grant: Grant, tokens: int, images: int) -> None:
-        """Queue a settlement; it goes with the next admission, or alone after SETTLE_DELAY_S."""
+    def settle(
+        self, grant: Grant, tokens: int, images: int, counted: bool = True
+    ) -> asyncio.Future[bool]:
+        """Queue a settlement for the next exchange. The future is True once the limiter has
+        it (False if it was given up on); not counted: void, the request is given back too."""
         g = grant
-        used = Settlement(g.ticket, g.epoch, g.key_id, g.period, g.tokens, g.images, tokens, images)
-        self._settles.append(used)
-        self._kick(admission=False)
+        used = Settlement(
+            g.ticket, g.epoch, g.key_id, g.period, g.tokens, g.images, tokens, images, counted
+        )
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._settles.append((used, future))
+        self._kick()
+        return future
 
-    def _kick(self, admission: bool = True) -> None:
+    def _kick(self, admission: bool = False) -> None:
         if self._task is None or self._task.done():
             self._work, self._admitted = asyncio.Event(), asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run())
@@ -109,27 +133,30 @@ class LimiterClient:
             self._admitted.set()
 
     async def _run(self) -> None:
-        delay = SETTLE_DELAY_S
+        backoff = 0.0
         while True:
             if not (self._admits or self._settles):
                 await self._work.wait()
             self._work.clear()
             if not (self._admits or self._settles):  # already sent with an earlier exchange
                 continue
-            if not self._admits:  # settlements alone: give an admission a moment to join them
-                self._admitted.clear()
+            if backoff and not self._admits:  # the limiter failed: settlements retry later,
+                self._admitted.clear()  # or with the next admission
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._admitted.wait(), delay)
+                    await asyncio.wait_for(self._admitted.wait(), backoff)
             ok = await self._exchange()
-            delay = SETTLE_DELAY_S if ok else min(max(2 * delay, 0.1), MAX_BACKOFF_S)
+            backoff = 0.0 if ok else min(max(2 * backoff, 0.1), MAX_BACKOFF_S)
 
     async def _exchange(self) -> bool:
         """Send everything queued in one call; False when the limiter was unavailable."""
         admits, self._admits = self._admits, []
         settles, self._settles = self._settles, []
         self._busy = True
+        owner = self.owner[0] if self.owner else ""
         try:
-            results = await self.call("exchange", settles, [args for args, _ in admits])
+            results = await self.call(
+                "exchange", [s for s, _ in settles], [args for args, _ in admits], owner
+            )
         except ServiceUnavailable as exc:
             for _, future in admits:
                 if not future.done():
@@ -139,18 +166,38 @@ class LimiterClient:
         finally:
             self._busy = False
         self._failing_since = None
+        for _, delivered in settles:
+            if not delivered.done():
+                delivered.set_result(True)
         for (_, future), result in zip(admits, results, strict=True):
+            if isinstance(result, Grant):
+                self._register(result.epoch)
             if not future.done():
                 future.set_result(result)
-            elif isinstance(result, Grant):  # its request went away while waiting: release
-                self.settle(result, 0, 0)
+            elif isinstance(result, Grant):  # its request went away while waiting: void it
+                self.settle(result, 0, 0, counted=False)
         return True
 
-    def _requeue(self, settles: list[Settlement]) -> None:
+    def _register(self, epoch: str) -> None:
+        """Give the limiter incarnation ``epoch`` this replica's handle, once."""
+        if self.owner is None or epoch == self._registered:
+            return
+        if self._registering is None or self._registering.done():
+            self._registering = asyncio.get_running_loop().create_task(self._send_handle())
+
+    async def _send_handle(self) -> None:
+        assert self.owner is not None
+        with contextlib.suppress(ServiceUnavailable):
+            self._registered = await self.call("register", *self.owner)
+
+    def _requeue(self, settles: list[tuple[Settlement, asyncio.Future[bool]]]) -> None:
         now = time.monotonic()
         self._failing_since = self._failing_since or now
         if now - self._failing_since > SETTLE_GIVE_UP_S:
             logger.error("dropping %d settlements: limiter unavailable", len(settles))
+            for _, delivered in settles:
+                if not delivered.done():
+                    delivered.set_result(False)
             return
         self._settles[:0] = settles
 

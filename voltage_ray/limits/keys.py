@@ -3,12 +3,17 @@
 A key reads ``vr_<id>_<secret>``. The id is public (it names the key in listings and logs); the
 secret never leaves the caller. A lookup finds the row by id, then compares the hash of the
 presented key with the stored one using :func:`hmac.compare_digest` (constant time).
+
+Triggers log every change to a key (created, revoked, edited or deleted by any process: the CLI,
+the service, plain SQL) in ``key_changes`` under an increasing sequence number, so a reader that
+remembers the last number it saw reads only what changed since (:meth:`KeyStore.changes`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import sqlite3
 import time
@@ -18,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PREFIX = "vr"
+# vr_ + 12 hex digits (token_hex(6)) + _ + the secret (token_urlsafe(32): 43 characters; older or
+# hand-made secrets may differ in length, never in alphabet).
+KEY_PATTERN = re.compile(r"vr_([0-9a-f]{12})_[A-Za-z0-9_-]{16,128}")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -28,7 +36,18 @@ CREATE TABLE IF NOT EXISTS api_keys (
     created_at REAL NOT NULL,
     revoked_at REAL
 );
+CREATE TABLE IF NOT EXISTS key_changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    key_id TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS api_keys_inserted AFTER INSERT ON api_keys
+BEGIN INSERT INTO key_changes (key_id) VALUES (NEW.id); END;
+CREATE TRIGGER IF NOT EXISTS api_keys_updated AFTER UPDATE ON api_keys
+BEGIN INSERT INTO key_changes (key_id) VALUES (NEW.id); END;
+CREATE TRIGGER IF NOT EXISTS api_keys_deleted AFTER DELETE ON api_keys
+BEGIN INSERT INTO key_changes (key_id) VALUES (OLD.id); END;
 """
+_COLUMNS = "id, name, plan, created_at, revoked_at, key_hash"
 
 
 def hash_key(key: str) -> str:
@@ -36,11 +55,9 @@ def hash_key(key: str) -> str:
 
 
 def parse_key(key: str) -> str | None:
-    """The public id of a well-formed key, else None."""
-    parts = key.split("_", 2)
-    if len(parts) != 3 or parts[0] != PREFIX or len(parts[1]) != 12 or not parts[2]:
-        return None
-    return parts[1]
+    """The public id of a well-formed key, else None (no look-up: shape only)."""
+    match = KEY_PATTERN.fullmatch(key)
+    return match.group(1) if match else None
 
 
 @dataclass(frozen=True)
@@ -67,6 +84,17 @@ class KeyRecord:
         }
 
 
+@dataclass(frozen=True)
+class KeyUpdate:
+    """The keys changed since a reader's change number (every key when ``full``)."""
+
+    source: str  # the database they come from
+    seq: int  # the last change they include
+    full: bool
+    records: tuple[KeyRecord, ...] = ()
+    removed: tuple[str, ...] = ()  # ids of deleted keys
+
+
 def connect(path: str | Path) -> sqlite3.Connection:
     """A connection in WAL mode, shared safely by the service and the CLI."""
     path = Path(path)
@@ -85,6 +113,12 @@ class KeyStore:
         self.path = Path(path)
         self.conn = connect(self.path)
         self.conn.executescript(_SCHEMA)
+        # Change number 1 marks the start of the log (a database from before it included), so
+        # a reader at 1 or above reads changes only.
+        self.conn.execute(
+            "INSERT INTO key_changes (key_id) "
+            "SELECT '' WHERE NOT EXISTS (SELECT 1 FROM key_changes)"
+        )
         with suppress(OSError):
             self.path.chmod(0o600)
 
@@ -115,10 +149,30 @@ class KeyStore:
 
     def get(self, key_id: str) -> KeyRecord | None:
         row = self.conn.execute(
-            "SELECT id, name, plan, created_at, revoked_at, key_hash FROM api_keys WHERE id = ?",
-            (key_id,),
+            f"SELECT {_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)
         ).fetchone()
         return KeyRecord(*row) if row else None
+
+    def changes(self, since: int) -> KeyUpdate:
+        """The keys changed after change number ``since``. ``since`` 0, or a number this store
+        never reached (another database), reads every key. Hashes included: for verification,
+        never for display."""
+        # NOTE: the number is read before the rows, so a change racing this read is seen again
+        # next time rather than missed (applying a record twice is harmless).
+        seq = int(self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM key_changes").fetchone()[0])
+        source = str(self.path)
+        if since <= 0 or since > seq:
+            rows = self.conn.execute(f"SELECT {_COLUMNS} FROM api_keys").fetchall()
+            return KeyUpdate(source, seq, True, tuple(KeyRecord(*row) for row in rows))
+        ids = [
+            str(row[0])
+            for row in self.conn.execute(
+                "SELECT DISTINCT key_id FROM key_changes WHERE seq > ?", (since,)
+            )
+        ]
+        records = tuple(r for r in map(self.get, ids) if r is not None)
+        found = {r.id for r in records}
+        return KeyUpdate(source, seq, False, records, tuple(i for i in ids if i not in found))
 
     def list(self) -> list[KeyRecord]:
         rows = self.conn.execute(

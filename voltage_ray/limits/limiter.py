@@ -10,14 +10,20 @@ restarted actor); each carries what it reserved, so nothing depends on the actor
 Usage is written to the database by group commit every ``flush_interval_s`` (at most 1 s) and on
 shutdown. The actor is detached and restarted by Ray when it dies (``max_restarts=-1``); a new
 incarnation reloads usage, windows and outstanding reservations from the database on first use.
+
+Keys are checked in the ingress replicas, against copies they keep fresh with
+:meth:`key_changes`; an
+admission checks the key again (revoked keys are refused here within 2 s). Each admission records
+the ingress replica that holds it: the holds of a replica Ray reports dead are voided
+(``limits/owners.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import dataclasses
-import hmac
 import itertools
 import logging
 import os
@@ -38,15 +44,18 @@ from voltage_ray.errors import (
 )
 from voltage_ray.limits import quota
 from voltage_ray.limits import usage as usage_db
-from voltage_ray.limits.keys import KeyRecord, KeyStore, connect
+from voltage_ray.limits.keys import KeyRecord, KeyStore, KeyUpdate, connect
+from voltage_ray.limits.owners import Owners
 from voltage_ray.limits.plans import Plan, load_plans
 
 logger = logging.getLogger(__name__)
 
 ACTOR_NAME = "voltage_ray_limiter"
 NAMESPACE = "voltage_ray"
-AUTH_CACHE_TTL_S = 2.0  # created or revoked keys take effect within this (the contract is 5 s)
+AUTH_CACHE_TTL_S = 2.0  # revoked keys are refused within this, if no ingress syncs keys sooner
 PLANS_RELOAD_S = 2.0
+OWNER_CHECK_S = 2.0  # how often the ingress replicas holding admissions are asked if alive
+OWNER_PING_TIMEOUT_S = 5.0
 DEFAULT_OPTIONS: dict[str, Any] = {"flush_interval_s": 0.5, "reservation_ttl_s": 1800.0}
 
 
@@ -84,6 +93,7 @@ class Settlement:
     reserved_images: int
     tokens: int
     images: int
+    counted: bool = True  # False: void, the request is given back too (a 503, a lost ingress)
 
 
 class Limiter:
@@ -100,6 +110,9 @@ class Limiter:
         self.lock = aiorwlock.RWLock(fast=True)  # no yield after acquiring: sections never await
         self._flush_mutex: asyncio.Lock | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self.calls: collections.Counter[str] = collections.Counter()  # by method, for info()
+        self.decided: collections.Counter[int] = collections.Counter()  # admissions by status
         self.draining = False  # set by drain(): admissions are refused with a 503
         self._open(db_path)
         atexit.register(self._flush_sync)
@@ -115,7 +128,9 @@ class Limiter:
         self._records: dict[str, tuple[float, KeyRecord | None]] = {}
         self.keys: dict[str, quota.KeyState] = {}
         self.usages: dict[tuple[str, str], quota.Usage] = {}
-        self.holds: dict[int, tuple[str, quota.Hold, float]] = {}
+        self.holds: dict[int, tuple[str, quota.Hold, float, str]] = {}  # key, hold, TTL, owner
+        self.owners = Owners()
+        self.voided = 0  # holds of dead ingress replicas
         self._orphan_deadlines: dict[tuple[str, str], float] = {}
         self._dirty_usage: set[tuple[str, str]] = set()
         self._dirty_windows: set[str] = set()
@@ -205,49 +220,74 @@ class Limiter:
         self._records[key_id] = (now, record)
         return record
 
-    async def authenticate(self, key_id: str, key_hash: str) -> Principal | None:
-        """The principal of a live key whose hash matches, else None (a 401 for the caller)."""
-        async with self.lock.reader_lock:
-            record = self._record(key_id)
-        if record is None or record.revoked or not hmac.compare_digest(record.key_hash, key_hash):
-            return None
-        return Principal(record.id, record.name, record.plan)
+    async def key_changes(self, source: str, since: int) -> KeyUpdate:
+        """The keys changed since change ``since`` of database ``source`` (every key when the
+        database is another one): what an ingress replica needs to check keys by itself."""
+        self.calls["key_changes"] += 1
+        update = self.store.changes(since if source == str(self.store.path) else 0)
+        if not update.full:  # admissions see a revocation at once
+            for key_id in [*(r.id for r in update.records), *update.removed]:
+                self._records.pop(key_id, None)
+        return update
+
+    async def register(self, owner: str, handle: Any) -> str:
+        """An ingress replica (``owner``, its actor id) gives its handle, so that its holds can
+        be voided once Ray reports it dead. Returns this incarnation's epoch: a replica whose
+        grants come from another epoch registers again."""
+        self.calls["register"] += 1
+        self._start_flusher()
+        self.owners.register(owner, handle)
+        return self.epoch
 
     # --- admission and settlement ------------------------------------------------------------
 
     async def admit(
-        self, key_id: str, models: tuple[str, ...], tokens: int, images: int
+        self, key_id: str, models: tuple[str, ...], tokens: int, images: int, owner: str = ""
     ) -> Grant | VoltageError:
         """Take a request slot and reserve ``tokens``/``images`` for a live key, or say why not.
 
         Refusals are returned, not raised: a flood of 429s stays cheap (no remote traceback).
         """
+        self.calls["admit"] += 1
         self._start_flusher()
         async with self.lock.writer_lock:
             self._maybe_reload_plans()
-            return self._admit_one(key_id, models, tokens, images)
+            return self._admit_one(key_id, models, tokens, images, owner)
 
     async def settle(self, settlements: list[Settlement]) -> None:
         """Account actual usage and release reservations (a batch; each settles once)."""
+        self.calls["settle"] += 1
         async with self.lock.writer_lock:
             for s in settlements:
                 self._settle_one(s)
 
     async def exchange(
-        self, settlements: list[Settlement], admissions: list[tuple[str, tuple[str, ...], int, int]]
+        self,
+        settlements: list[Settlement],
+        admissions: list[tuple[str, tuple[str, ...], int, int]],
+        owner: str = "",
     ) -> list[Grant | VoltageError]:
-        """One round trip for an ingress replica: settle a batch, then admit a batch in order."""
+        """One round trip for an ingress replica (``owner``): settle a batch, then admit a batch
+        in order."""
+        self.calls["exchange"] += 1
         self._start_flusher()
         async with self.lock.writer_lock:
             self._maybe_reload_plans()
             for s in settlements:
                 self._settle_one(s)
-            return [self._admit_one(*a) for a in admissions]
+            return [self._admit_one(*a, owner) for a in admissions]
 
     def _admit_one(
-        self, key_id: str, models: tuple[str, ...], tokens: int, images: int
+        self, key_id: str, models: tuple[str, ...], tokens: int, images: int, owner: str = ""
     ) -> Grant | VoltageError:
         # NOTE: called under the write lock and never awaits: each admission is atomic.
+        result = self._decide(key_id, models, tokens, images, owner)
+        self.decided[200 if isinstance(result, Grant) else result.status] += 1
+        return result
+
+    def _decide(
+        self, key_id: str, models: tuple[str, ...], tokens: int, images: int, owner: str
+    ) -> Grant | VoltageError:
         if self.draining:
             return ServiceUnavailable(
                 "The service is shutting down; retry shortly", headers={"Retry-After": "5"}
@@ -269,7 +309,8 @@ class Limiter:
         if isinstance(result, quota.Denial):
             return _error(result, quota.headers(plan, state, usage, ask, now, month_end))
         ticket = next(self._tickets)
-        self.holds[ticket] = (key_id, result, now + self.options["reservation_ttl_s"])
+        self.holds[ticket] = (key_id, result, now + self.options["reservation_ttl_s"], owner)
+        self.owners.hold(owner, ticket)
         self._dirty_usage.add((key_id, period))
         if plan.requests_per_minute is not None or plan.tokens_per_minute is not None:
             self._windowed.add(key_id)  # its windows matter after a restart: persist them
@@ -282,18 +323,31 @@ class Limiter:
     def _settle_one(self, s: Settlement) -> None:
         if s.epoch == self.epoch:
             entry = self.holds.pop(s.ticket, None)
-            if entry is None:  # already settled, or expired and charged in full
+            if entry is None:  # already settled, voided, or expired and charged in full
                 return
-            key_id, hold, _ = entry
-            quota.release(
-                self.keys.get(key_id), self._usage(key_id, hold.period), hold, s.tokens, s.images
-            )
-            if hold.token_entry is not None and key_id in self._windowed:
-                self._dirty_windows.add(key_id)
+            self._release(s.ticket, entry, s.tokens, s.images, s.counted)
         else:  # admitted by an earlier incarnation: release its restored hold
             hold = quota.Hold(s.period, s.reserved_tokens, s.reserved_images)
-            quota.release_orphan(self._usage(s.key_id, s.period), hold, s.tokens, s.images)
-        self._dirty_usage.add((s.key_id, s.period))
+            usage = self._usage(s.key_id, s.period)
+            quota.release_orphan(usage, hold, s.tokens, s.images, s.counted)
+            self._dirty_usage.add((s.key_id, s.period))
+
+    def _release(
+        self,
+        ticket: int,
+        entry: tuple[str, quota.Hold, float, str],
+        tokens: int,
+        images: int,
+        counted: bool = True,
+    ) -> None:
+        """Settle a hold already taken out of ``holds``."""
+        key_id, hold, _, owner = entry
+        self.owners.release(owner, ticket)
+        state = self.keys.get(key_id)
+        quota.release(state, self._usage(key_id, hold.period), hold, tokens, images, counted)
+        if key_id in self._windowed and (hold.token_entry is not None or not counted):
+            self._dirty_windows.add(key_id)
+        self._dirty_usage.add((key_id, hold.period))
 
     def _calendar(self, now: float) -> tuple[str, float]:
         """The current period and its end, recomputed only when ``now`` leaves it."""
@@ -320,17 +374,11 @@ class Limiter:
 
     def _expire(self, now: float) -> None:
         """Charge in full the reservations whose requests never settled (their ingress died)."""
-        for ticket, (key_id, hold, deadline) in list(self.holds.items()):
+        for ticket, entry in list(self.holds.items()):
+            key_id, hold, deadline, _ = entry
             if deadline <= now:
                 del self.holds[ticket]
-                quota.release(
-                    self.keys.get(key_id),
-                    self._usage(key_id, hold.period),
-                    hold,
-                    hold.tokens,
-                    hold.images,
-                )
-                self._dirty_usage.add((key_id, hold.period))
+                self._release(ticket, entry, hold.tokens, hold.images)
                 logger.warning("reservation %s of key %s expired unsettled", ticket, key_id)
         for ident, deadline in list(self._orphan_deadlines.items()):
             if deadline <= now:
@@ -346,6 +394,32 @@ class Limiter:
         if self._flusher is None or self._flusher.done():
             self._flush_mutex = asyncio.Lock()
             self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_loop())
+
+    async def _watch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(OWNER_CHECK_S)
+            try:
+                await self.void_dead_owners()
+            except Exception:
+                logger.exception("checking ingress replicas failed; retrying")
+
+    async def void_dead_owners(self) -> int:
+        """Void the holds of ingress replicas Ray reports dead: requests they never answered
+        (they settle before an answer's last byte). Returns the holds voided."""
+        voided = 0
+        for owner in await self.owners.dead(OWNER_PING_TIMEOUT_S):
+            async with self.lock.writer_lock:
+                entries = [(t, self.holds.pop(t, None)) for t in self.owners.forget(owner)]
+                for ticket, entry in entries:
+                    if entry is not None:
+                        self._release(ticket, entry, 0, 0, counted=False)
+            held = sum(entry is not None for _, entry in entries)
+            logger.warning("ingress replica %s died: voided its %d unanswered holds", owner, held)
+            voided += held
+        self.voided += voided
+        return voided
 
     async def _flush_loop(self) -> None:
         while True:
@@ -433,6 +507,18 @@ class Limiter:
     async def in_flight(self) -> int:
         """Admissions not settled yet (requests and streams in flight, cluster-wide)."""
         return len(self.holds)
+
+    async def info(self) -> dict[str, Any]:
+        """Counters: calls by method, admissions decided by status (200: admitted), holds
+        outstanding, ingress replicas holding them, holds voided."""
+        return {
+            "epoch": self.epoch,
+            "calls": dict(self.calls),
+            "decided": dict(self.decided),
+            "holds": len(self.holds),
+            "owners": len(self.owners.tickets),
+            "voided": self.voided,
+        }
 
     async def ping(self) -> bool:
         return True

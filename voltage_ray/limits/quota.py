@@ -183,6 +183,7 @@ class Hold:
     tokens: int
     images: int
     token_entry: list[Any] | None = None
+    request_entry: list[Any] | None = None  # its slot in the requests window (to void it)
 
 
 @dataclass(frozen=True)
@@ -270,13 +271,13 @@ def take(plan: Plan, state: KeyState, usage: Usage, ask: Ask, now: float) -> Hol
     """
     state.requests.prune(now)
     state.tokens.prune(now)
-    state.requests.add(now, 1)
+    slot = state.requests.add(now, 1)
     entry = state.tokens.add(now, ask.tokens) if ask.tokens else None
     state.in_flight += 1
     usage.requests += 1
     usage.reserved_tokens += ask.tokens
     usage.reserved_images += ask.images
-    return Hold(usage.period, ask.tokens, ask.images, entry)
+    return Hold(usage.period, ask.tokens, ask.images, entry, slot)
 
 
 def admit(
@@ -287,29 +288,44 @@ def admit(
     return denial if denial is not None else take(plan, state, usage, ask, now)
 
 
-def release(state: KeyState | None, usage: Usage, hold: Hold, tokens: int, images: int) -> None:
+def release(
+    state: KeyState | None,
+    usage: Usage,
+    hold: Hold,
+    tokens: int,
+    images: int,
+    counted: bool = True,
+) -> None:
     """Settle a request: its reservation becomes its actual usage.
 
     Actual usage is counted as reported even if it exceeded the reservation (it cannot when the
-    reservation is computed correctly): the record stays truthful.
+    reservation is computed correctly): the record stays truthful. A request not ``counted``
+    (void: turned away for capacity, or lost with its ingress) gives its request back too, in
+    the period's count and in the minute window.
     """
     usage.reserved_tokens = max(0, usage.reserved_tokens - hold.tokens)
     usage.reserved_images = max(0, usage.reserved_images - hold.images)
     usage.tokens += tokens
     usage.images += images
+    if not counted:
+        usage.requests = max(0, usage.requests - 1)
     if state is not None:
         state.in_flight = max(0, state.in_flight - 1)
         if hold.token_entry is not None:
             state.tokens.adjust(hold.token_entry, tokens - hold.tokens)
+        if not counted and hold.request_entry is not None:
+            state.requests.adjust(hold.request_entry, -1)
 
 
-def release_orphan(usage: Usage, hold: Hold, tokens: int, images: int) -> None:
+def release_orphan(
+    usage: Usage, hold: Hold, tokens: int, images: int, counted: bool = True
+) -> None:
     """Settle a request admitted before a limiter restart: release its restored hold."""
     t = min(hold.tokens, usage.orphan_tokens)
     i = min(hold.images, usage.orphan_images)
     usage.orphan_tokens -= t
     usage.orphan_images -= i
-    release(None, usage, Hold(hold.period, t, i), tokens, images)
+    release(None, usage, Hold(hold.period, t, i), tokens, images, counted)
 
 
 def expire_orphans(usage: Usage) -> None:

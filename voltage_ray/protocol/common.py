@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import time
 import types
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+UnknownFields = Literal["reject", "ignore"]
+_unknown_fields: UnknownFields = "reject"
+
+
+def set_unknown_fields(mode: UnknownFields) -> None:
+    """How every request model of this process treats a field it does not know (the ingress
+    sets it from ``ingress.unknown_fields``): a 400, or dropped."""
+    global _unknown_fields
+    _unknown_fields = mode
 
 
 def require_unicode(text: str, what: str) -> None:
@@ -34,7 +44,12 @@ def admits_none(annotation: Any) -> bool:
 class RequestModel(BaseModel):
     """Base for request bodies, strict about JSON types as OpenAI is.
 
-    Unknown fields are a 400. ``strict=True`` holds in Python mode too, which is how FastAPI
+    Unknown fields are a 400 (or dropped: :func:`set_unknown_fields`). Fields OpenAI documents
+    that do not change what this server produces are declared with their types and ignored;
+    those that would and cannot be honoured are listed in ``REFUSED`` (name: why, and the
+    values that ask nothing of the server): any other value is a 400 naming the field.
+
+    ``strict=True`` holds in Python mode too, which is how FastAPI
     validates the parsed body: a boolean is not a number, a string is not a number or a boolean,
     a number is not a string, and a float (even ``1.0``) is not an integer; an integer is still a
     valid float. A JSON ``null`` on a field with a default means "unset" (the default applies),
@@ -42,13 +57,26 @@ class RequestModel(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)
+    REFUSED: ClassVar[dict[str, tuple[str, tuple[Any, ...]]]] = {}
+
+    @field_validator("*")
+    @classmethod
+    def _refused(cls, value: Any, info: ValidationInfo) -> Any:
+        refused = cls.REFUSED.get(info.field_name or "")
+        if refused is not None and value is not None and value not in refused[1]:
+            raise ValueError(f"{info.field_name} is not supported: {refused[0]}")
+        return value
 
     @model_validator(mode="before")
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or all(value is not None for value in data.values()):
+        if not isinstance(data, dict):
             return data
         fields = cls.model_fields
+        if _unknown_fields == "ignore" and not data.keys() <= fields.keys():
+            data = {k: v for k, v in data.items() if k in fields}
+        if all(value is not None for value in data.values()):
+            return data
         unset = {
             key
             for key, value in data.items()
@@ -58,6 +86,12 @@ class RequestModel(BaseModel):
             and not admits_none(fields[key].annotation)
         }
         return {k: v for k, v in data.items() if k not in unset} if unset else data
+
+
+# OpenAI's documented fields that ask nothing this server's output depends on: accepted with
+# their types, ignored (README: "Fields OpenAI accepts").
+Metadata = dict[str, str]
+ServiceTier = Literal["auto", "default", "flex", "scale", "priority"]
 
 
 class ResponseModel(BaseModel):

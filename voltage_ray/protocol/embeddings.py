@@ -21,7 +21,10 @@ class EmbeddingRequest(RequestModel):
     """Spec `EmbeddingRequest`."""
 
     model: str
-    input: str | list[str] = Field(description="A string or 1..2048 non-empty strings.")
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A string, 1..2048 non-empty strings, or token ids: one array of ids, or "
+        "1..2048 non-empty arrays (ids in the model's own tokenizer)."
+    )
     # Extensions (OpenAI), where the spec is silent.
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
@@ -31,17 +34,26 @@ class EmbeddingRequest(RequestModel):
     @classmethod
     def _input(cls, v: Any) -> Any:
         # A before-validator, so a bad item gets one clear message instead of pydantic's
-        # per-branch union errors. OpenAI's token-id arrays are not offered.
+        # per-branch union errors.
         if isinstance(v, str):
             items: list[Any] = [v]
         elif isinstance(v, list):
+            if v and all(_is_id(x) for x in v):  # one array of token ids
+                _check_ids(v, "input")
+                return v
             if not 1 <= len(v) <= MAX_INPUTS:
-                raise ValueError(f"input must hold 1 to {MAX_INPUTS} strings, got {len(v)}")
+                raise ValueError(f"input must hold 1 to {MAX_INPUTS} items, got {len(v)}")
             items = v
         else:
-            raise ValueError("input must be a string or an array of strings")
+            raise ValueError("input must be a string, an array of strings or token ids")
+        kinds = {isinstance(item, list) for item in items}
+        if len(kinds) > 1:
+            raise ValueError("input must hold only strings or only token-id arrays")
         for i, item in enumerate(items):
             where = "input" if isinstance(v, str) else f"input[{i}]"
+            if isinstance(item, list):
+                _check_ids(item, where)
+                continue
             if not isinstance(item, str):
                 raise ValueError(f"{where} must be a string, got {type(item).__name__}")
             if not item:
@@ -54,14 +66,37 @@ class EmbeddingRequest(RequestModel):
         return v
 
     @property
-    def inputs(self) -> list[str]:
-        return [self.input] if isinstance(self.input, str) else list(self.input)
+    def inputs(self) -> list[str | list[int]]:
+        """Each input: a text, or a token-id array."""
+        v = self.input
+        if isinstance(v, str):
+            return [v]
+        if all(isinstance(x, int) for x in v):
+            return [list(v)]  # type: ignore[arg-type]
+        return list(v)  # type: ignore[arg-type]
 
     @property
     def token_upper_bound(self) -> int:
         """At most this many tokens, without a tokenizer: every token of a BPE, WordPiece or
-        byte-fallback tokenizer covers at least one UTF-8 byte (special tokens not counted)."""
-        return sum(len(text.encode("utf-8")) for text in self.inputs)
+        byte-fallback tokenizer covers at least one UTF-8 byte (special tokens not counted); a
+        token-id array is its ids."""
+        return sum(
+            len(item.encode("utf-8")) if isinstance(item, str) else len(item)
+            for item in self.inputs
+        )
+
+
+def _is_id(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_ids(ids: list[Any], where: str) -> None:
+    if not ids:
+        raise ValueError(f"{where} must not be empty")
+    if not all(_is_id(t) for t in ids):
+        raise ValueError(f"{where} must hold only integer token ids")
+    if min(ids) < 0:
+        raise ValueError(f"{where}: token ids must not be negative")
 
 
 class Embedding(ResponseModel):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
@@ -30,6 +30,25 @@ class ImageGenerationRequest(RequestModel):
     # Extensions where the spec is silent: image i of a seeded request uses seed + i.
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     user: str | None = None
+    # OpenAI's (dall-e-3 and the GPT image models), accepted and ignored: this model has one
+    # quality and style, and no moderation.
+    quality: Literal["standard", "hd", "low", "medium", "high", "auto"] | None = None
+    style: Literal["vivid", "natural"] | None = None
+    moderation: Literal["low", "auto"] | None = None
+    # OpenAI's, refused unless they ask for what the server does anyway (REFUSED).
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_compression: int | None = Field(default=None, ge=0, le=100)
+    partial_images: int | None = Field(default=None, ge=0, le=3)
+    stream: bool | None = None
+
+    REFUSED: ClassVar[dict[str, tuple[str, tuple[Any, ...]]]] = {
+        "background": ("images are opaque PNGs", ("auto", "opaque")),
+        "output_format": ("images are PNGs", ("png",)),
+        "output_compression": ("images are lossless PNGs", (100,)),
+        "partial_images": ("images are not streamed", (0,)),
+        "stream": ("images are not streamed", (False,)),
+    }
 
     @field_validator("prompt")
     @classmethod

@@ -1,0 +1,106 @@
+"""Hold a response body against OpenAI's own OpenAPI schemas (tests/schemas/openai_responses.json).
+
+The document is OpenAPI 3.1, whose schemas are JSON Schema 2020-12 plus a few OpenAPI specifics:
+``nullable: true`` (still on some of OpenAI's schemas) becomes ``anyOf [schema, null]``, and
+``$ref: '#/components/schemas/X'`` resolves inside the stored document. Formats are checked where
+OpenAI names one (``uri``, ``date``, ``unixtime``); ``discriminator`` and ``x-*`` keys are
+annotations only.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from datetime import date
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from jsonschema import Draft202012Validator, FormatChecker
+from referencing import Registry
+from referencing.jsonschema import DRAFT202012
+
+DOCUMENT = Path(__file__).with_name("schemas") / "openai_responses.json"
+URI = "urn:openai-openapi"
+SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+
+FORMATS = FormatChecker(formats=())
+
+
+@FORMATS.checks("uri")
+def _uri(value: object) -> bool:
+    """RFC 3986: an absolute URI (a scheme), no spaces."""
+    if not isinstance(value, str):
+        return True
+    scheme = urlsplit(value).scheme
+    return bool(scheme) and SCHEME.fullmatch(scheme) is not None and not re.search(r"\s", value)
+
+
+@FORMATS.checks("date", raises=ValueError)
+def _date(value: object) -> bool:
+    if isinstance(value, str):
+        date.fromisoformat(value)
+        return re.fullmatch(r"\d{4}-\d{2}-\d{2}", value) is not None
+    return True
+
+
+@FORMATS.checks("unixtime")
+def _unixtime(value: object) -> bool:
+    """Seconds since the epoch: not negative."""
+    return not isinstance(value, int) or value >= 0
+
+
+def translate(node: Any) -> Any:
+    """OpenAPI's ``nullable: true`` as JSON Schema: ``anyOf [the schema, {type: null}]``."""
+    if isinstance(node, list):
+        return [translate(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {
+        key: (
+            {k: translate(v) for k, v in value.items()} if key == "properties" else translate(value)
+        )
+        for key, value in node.items()
+        if key != "nullable"
+    }
+    return {"anyOf": [out, {"type": "null"}]} if node.get("nullable") is True else out
+
+
+@functools.cache
+def _registry() -> Registry[Any]:
+    document = translate(json.loads(DOCUMENT.read_text(encoding="utf-8")))
+    return Registry().with_resource(URI, DRAFT202012.create_resource(document))
+
+
+@functools.cache
+def validator(schema_name: str) -> Draft202012Validator:
+    schemas = _registry().contents(URI)["components"]["schemas"]
+    if schema_name not in schemas:
+        raise KeyError(f"{schema_name} is not among the stored schemas: {sorted(schemas)}")
+    schema = {"$ref": f"{URI}#/components/schemas/{schema_name}"}
+    return Draft202012Validator(schema, registry=_registry(), format_checker=FORMATS)
+
+
+def violations(schema_name: str, obj: Any) -> list[str]:
+    """Every way ``obj`` breaks OpenAI's ``schema_name``, one line each (empty: it conforms)."""
+    errors = sorted(validator(schema_name).iter_errors(obj), key=lambda e: list(e.absolute_path))
+    lines = []
+    for error in errors:
+        where = "".join(f"[{p!r}]" for p in error.absolute_path) or "(the body)"
+        causes = "; ".join(sorted({c.message for c in error.context or ()}))[:300]
+        lines.append(f"{where}: {error.message[:300]}" + (f" ({causes})" if causes else ""))
+    return lines
+
+
+def assert_conforms(schema_name: str, obj: Any) -> None:
+    """Fail, naming every violation, unless ``obj`` validates against OpenAI's ``schema_name``."""
+    found = violations(schema_name, obj)
+    assert not found, f"not an OpenAI {schema_name}:\n  " + "\n  ".join(found)
+
+
+def assert_completion_conforms(body: Any) -> None:
+    """A legacy `POST /completions` body: the JSON answer and every stream chunk alike (OpenAI's
+    completions stream sends the same `text_completion` object). Ready for when the endpoint
+    exists."""
+    assert_conforms("CreateCompletionResponse", body)

@@ -1,0 +1,248 @@
+"""llama.cpp as a batched forward pass: GGUF chat models on CPU under voltage_ray's scheduler.
+
+llama.cpp runs quantized GGUF weights as they are (no fp32 dequantization) with kernels built for
+this CPU, several times faster than transformers on the same file. voltage_ray keeps its own
+continuous-batching scheduler and sampler, so this module exposes only what they need, through
+llama-cpp-python's low-level C API (``llama_cpp.llama_cpp``; its high-level ``Llama`` holds one
+sequence): one ``llama_decode`` per scheduler step over several sequences, each in its own KV
+slot (``seq_id``), returning float32 logits, plus dropping and forking a slot.
+
+The KV cache is split per sequence (``kv_unified=False``, as llama-server with ``--parallel``):
+each slot owns ``n_ctx_per_seq`` cells and attention reads only its own cells, so one long
+conversation never slows the others; forking copies the source slot's whole buffer. The import
+is lazy: without the binding, :func:`llama_cpp_unavailable` says why and how to install it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "run scripts/install (builds llama.cpp once, a few minutes) or "
+    "pip install 'voltage_ray[llama-cpp]'"
+)
+# ggml_log_level: 3 WARN, 4 ERROR, 5 CONT (continues the previous message)
+_LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}
+_LOG_CONT = 5
+
+
+class LlamaCppError(RuntimeError):
+    """llama.cpp refused or failed a call (model load, context creation, ``llama_decode``)."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Tokens to append to one sequence in a forward pass."""
+
+    seq_id: int  # KV sequence slot, 0 <= seq_id < n_seq_max
+    tokens: list[int]  # tokens to append to that sequence
+    pos: int  # position of tokens[0]: the sequence's current length
+    logits: bool  # want the logits of the last token of this chunk
+    every: bool = False  # want the logits of every token (scoring a prompt; implies ``logits``)
+
+    @property
+    def outputs(self) -> int:
+        """Logit rows this chunk asks for."""
+        return len(self.tokens) if self.every else int(self.logits)
+
+
+@functools.cache
+def llama_cpp_unavailable() -> str | None:
+    """Why the llama.cpp engine cannot run in this process (with how to get it), else None.
+
+    Importing the binding loads libllama, so a broken build is caught here, not at first use.
+    """
+    try:
+        _binding()
+    except Exception as exc:  # ImportError, or OSError from loading the shared library
+        return f"llama.cpp is not available ({type(exc).__name__}: {exc}); {INSTALL_HINT}"
+    return None
+
+
+def llama_cpp_available() -> bool:
+    return llama_cpp_unavailable() is None
+
+
+@functools.cache
+def _binding() -> Any:
+    """The ctypes module of llama-cpp-python, with the backend started and its log routed."""
+    import llama_cpp.llama_cpp as lib
+
+    lib.llama_backend_init()
+    lib.llama_log_set(_log_callback(lib), ctypes.c_void_p(0))
+    return lib
+
+
+@functools.cache  # NOTE: cached so the ctypes callback outlives every call from C
+def _log_callback(lib: Any) -> Any:
+    """llama.cpp's warnings and errors go to this module's logger; its chatter is dropped."""
+    last = [0]
+
+    def forward(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        level = last[0] if level == _LOG_CONT else level
+        last[0] = level
+        if level in _LOG_LEVELS:
+            message = text.decode("utf-8", "replace").rstrip()
+            if message:
+                logger.log(_LOG_LEVELS[level], "llama.cpp: %s", message)
+
+    return lib.llama_log_callback(forward)
+
+
+def _layout(chunks: Sequence[Chunk]) -> tuple[np.ndarray, ...]:
+    """Per token: its sequence, id, position, and output row (-1: no logits wanted).
+
+    NOTE: sorted by sequence: with a split KV cache llama.cpp puts only runs of consecutive
+    seq_ids in one compute pass (``split_equal``), so order matters for speed, not results.
+    """
+    ordered = sorted(range(len(chunks)), key=lambda k: chunks[k].seq_id)
+    first_row = np.cumsum([0] + [c.outputs for c in chunks])
+    seq, tokens, pos, row = [], [], [], []
+    for k in ordered:
+        c, n = chunks[k], len(chunks[k].tokens)
+        seq.append(np.full(n, c.seq_id, np.int32))
+        tokens.append(np.asarray(c.tokens, np.int32))
+        pos.append(c.pos + np.arange(n, dtype=np.int32))
+        row.append(np.full(n, -1, np.int64))
+        if c.every:
+            row[-1][:] = first_row[k] + np.arange(n)
+        elif c.logits:
+            row[-1][-1] = first_row[k]
+    return tuple(np.concatenate(a) for a in (seq, tokens, pos, row))
+
+
+def _free(lib: Any, model: Any, ctx: Any, batch: Any) -> None:
+    # NOTE: order matters: the batch and context before the model they point into.
+    lib.llama_batch_free(batch)
+    lib.llama_free(ctx)
+    lib.llama_model_free(model)
+
+
+class LlamaCppModel:
+    """One llama.cpp model and context: forward passes over several sequences in one batch.
+
+    ``n_threads`` serves decode and prefill alike: the replica's CPUs, never more (llama.cpp's
+    threads spin at barriers, so oversubscribed cores stall every step). llama.cpp rounds
+    ``n_ctx_per_seq`` up to a multiple of 256; the attribute holds the real size. Not
+    thread-safe: one scheduler thread calls it (``llama_decode`` releases the GIL).
+    """
+
+    def __init__(
+        self,
+        gguf_path: str,
+        *,
+        n_ctx_per_seq: int,
+        n_seq_max: int,
+        n_threads: int,
+        n_batch: int = 512,
+    ) -> None:
+        reason = llama_cpp_unavailable()
+        if reason is not None:
+            raise LlamaCppError(reason)
+        lib = self._lib = _binding()
+        model_params = lib.llama_model_default_params()
+        model_params.n_gpu_layers = 0
+        model = lib.llama_model_load_from_file(str(gguf_path).encode(), model_params)
+        if not model:
+            raise LlamaCppError(f"llama.cpp could not load {gguf_path}")
+        params = lib.llama_context_default_params()
+        params.n_ctx = n_ctx_per_seq * n_seq_max
+        params.n_seq_max = n_seq_max
+        params.n_batch = params.n_ubatch = n_batch  # one compute graph per llama_decode
+        params.n_threads = params.n_threads_batch = n_threads
+        params.kv_unified = False
+        params.no_perf = True
+        ctx = lib.llama_init_from_model(model, params)
+        if not ctx:
+            lib.llama_model_free(model)
+            raise LlamaCppError(f"llama.cpp could not create a context for {gguf_path}")
+        batch = lib.llama_batch_init(n_batch, 0, n_seq_max)
+        self._ctx, self._memory = ctx, lib.llama_get_memory(ctx)
+        self._closer = weakref.finalize(self, _free, lib, model, ctx, batch)
+        self._batch = batch
+        self.vocab_size: int = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
+        self.context_length: int = lib.llama_model_n_ctx_train(model)
+        self.n_ctx_per_seq: int = lib.llama_n_ctx_seq(ctx)
+        self.n_seq_max, self.n_batch, self.n_threads = n_seq_max, n_batch, n_threads
+        # numpy views of the batch's arrays, so filling a batch is a few vector copies
+        self._token = np.ctypeslib.as_array(batch.token, shape=(n_batch,))
+        self._pos = np.ctypeslib.as_array(batch.pos, shape=(n_batch,))
+        self._n_seq_id = np.ctypeslib.as_array(batch.n_seq_id, shape=(n_batch,))
+        self._want = np.ctypeslib.as_array(batch.logits, shape=(n_batch,))
+        self._n_seq_id[:] = 1
+
+    def forward(self, chunks: Sequence[Chunk]) -> np.ndarray:
+        """Append each chunk's tokens to its sequence; float32 logits ``[wanted, vocab]``.
+
+        One row per chunk with ``logits=True`` (a row per token with ``every=True``), in chunk
+        order. Tokens that fit ``n_batch`` go
+        in one ``llama_decode``, more are split over several in order. Each sequence appears at
+        most once. On :class:`LlamaCppError` the sequences in ``chunks`` may hold part of their
+        tokens: drop them.
+        """
+        self._check(chunks)
+        seq, tokens, pos, row = _layout(chunks)
+        out = np.empty((int(row.max(initial=-1)) + 1, self.vocab_size), np.float32)
+        for start in range(0, len(tokens), self.n_batch):
+            window = slice(start, start + self.n_batch)
+            self._decode(seq[window], tokens[window], pos[window], row[window] >= 0)
+            for i in np.flatnonzero(row[window] >= 0):
+                logits = self._lib.llama_get_logits_ith(self._ctx, int(i))
+                out[row[start + i]] = np.ctypeslib.as_array(logits, shape=(self.vocab_size,))
+        return out
+
+    def _check(self, chunks: Sequence[Chunk]) -> None:
+        if not self._closer.alive:
+            raise LlamaCppError("the model is closed")
+        if not chunks:
+            raise ValueError("forward needs at least one chunk")
+        seen: set[int] = set()
+        for c in chunks:
+            if not 0 <= c.seq_id < self.n_seq_max or c.seq_id in seen:
+                raise ValueError(f"seq_id {c.seq_id} is out of range or repeated")
+            if not c.tokens or c.pos < 0 or c.pos + len(c.tokens) > self.n_ctx_per_seq:
+                raise ValueError(
+                    f"chunk of {len(c.tokens)} tokens at {c.pos} does not fit the "
+                    f"{self.n_ctx_per_seq}-token context of a sequence"
+                )
+            seen.add(c.seq_id)
+
+    def _decode(
+        self, seq: np.ndarray, tokens: np.ndarray, pos: np.ndarray, want: np.ndarray
+    ) -> None:
+        n = len(tokens)
+        self._token[:n], self._pos[:n], self._want[:n] = tokens, pos, want
+        seq_ids = self._batch.seq_id
+        for i, s in enumerate(seq.tolist()):
+            seq_ids[i][0] = s
+        self._batch.n_tokens = n
+        rc = self._lib.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            # 1: no KV slot (the cache is as before), -1: bad batch, 2 / < -1: aborted or failed
+            raise LlamaCppError(f"llama_decode failed with code {rc}")
+
+    def drop(self, seq_id: int) -> None:
+        """Forget a sequence's KV cells, so its slot starts empty at position 0."""
+        self._lib.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+
+    def fork(self, src: int, dst: int) -> None:
+        """Make ``dst`` a copy of ``src`` (``n`` choices sharing one prefilled prompt).
+
+        Across split KV streams llama.cpp copies the whole buffer at the next decode.
+        """
+        self._lib.llama_memory_seq_rm(self._memory, dst, -1, -1)
+        self._lib.llama_memory_seq_cp(self._memory, src, dst, -1, -1)
+
+    def close(self) -> None:
+        """Free the context and model now (otherwise when collected, or at interpreter exit)."""
+        self._closer()

@@ -1,0 +1,320 @@
+"""Iteration-level (continuous) batching, engine-neutral: one scheduler thread per replica.
+
+A :class:`Scheduler` owns a model's forward passes. Requests are submitted from any thread as
+:class:`Prepared` prompts; each iteration the engine's subclass admits waiting requests (oldest
+first, within free rows and the ``max_prefill_tokens`` budget, so a long prompt is prefilled in
+chunks and never stalls running streams for more than a chunk), runs its forward pass, and hands
+the logits to :meth:`Scheduler._advance`, which samples one token per row with the shared sampler
+(``backends/sampler.py``), turns tokens into text with each row's :class:`RowDecoder`, and sends
+the step's events. A row leaves the batch the step it finishes or the step after its caller
+cancels; a request's ``n`` choices share one prefill.
+
+Two engines implement the forward side: transformers (``backends/batching.py``: a padded batch
+over one ``DynamicCache``) and llama.cpp (``backends/llama_cpp_engine.py``: a KV slot per row,
+prefill chunks in the same llama.cpp batch as decode tokens, as llama-server does).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from voltage_ray.backends.chat import (
+    Finished,
+    Prepared,
+    PromptScored,
+    RowDecoder,
+    StepEvent,
+    TokenLogprobs,
+)
+from voltage_ray.backends.grammar import Grammars
+from voltage_ray.backends.sampler import RowSampling, row_sampling, sample
+
+logger = logging.getLogger(__name__)
+
+Sink = Callable[[Any], object]  # receives list[StepEvent], then Finished, or an exception
+
+
+@dataclass(eq=False)
+class Ticket:
+    """A submitted request: the caller's handle to cancel it."""
+
+    prepared: Prepared
+    sink: Sink
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    cancel_step: int = 0  # the scheduler's step count when it was cancelled
+    live_rows: int = 0
+    used: list[int] = field(default_factory=list)  # tokens of each choice, filled as rows end
+
+
+@dataclass(eq=False)
+class Row:
+    """One choice decoding: its text and termination, its sampling state, and what the engine
+    keeps for it (the next token to feed; llama.cpp: its KV slot and length)."""
+
+    ticket: Ticket
+    index: int  # choice index
+    decoder: RowDecoder
+    sampling: RowSampling
+    last: int = 0  # the token to feed at the next decode step
+    slot: int = -1
+    length: int = 0  # tokens in its KV cache
+
+
+class Scheduler:
+    """The engine-neutral part: submit requests from any thread, get step events back.
+
+    ``decode`` turns token ids into text for the row decoders. Events reach each request's
+    ``sink`` on the scheduler thread, so sinks must only hand them over (e.g.
+    ``loop.call_soon_threadsafe``). Subclasses implement :meth:`_iteration`, :meth:`_rows_running`
+    and :meth:`_held` (the tickets they hold, for failures).
+    """
+
+    def __init__(
+        self,
+        decode: Callable[[list[int]], str],
+        eos_ids: frozenset[int],
+        *,
+        vocab: int,
+        max_num_seqs: int,
+        max_prefill_tokens: int,
+        device: torch.device | str = "cpu",
+        on_step: Callable[[int], None] | None = None,
+        on_admit: Callable[[float], None] | None = None,
+        grammars: Grammars | None = None,
+    ) -> None:
+        self.decode = decode
+        self.eos_ids = eos_ids
+        self.vocab = vocab
+        self.max_num_seqs = max_num_seqs
+        self.max_prefill_tokens = max_prefill_tokens
+        self.device = device
+        self.on_step = on_step
+        self.on_admit = on_admit  # hears how long each admitted request waited for a row
+        self.grammars = grammars  # compiles (cached) the constraints of constrained rows
+        self.waiting: collections.deque[Ticket] = collections.deque()
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+        self.steps = self.prefill_chunks = self.cancelled = 0
+        self.max_prefill_chunk = 0  # most prompt tokens in one prefill forward
+        self.max_eviction_lag = 0  # most decode steps between a cancel and its rows' eviction
+        self._wake = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="chat-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # --- called from other threads -------------------------------------------------------------
+
+    def submit(self, prepared: Prepared, sink: Sink) -> Ticket:
+        ticket = Ticket(prepared, sink)
+        with self._wake:
+            self.waiting.append(ticket)
+            self._wake.notify()
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Evict ``ticket``'s rows before the next decode step (safe from any thread)."""
+        ticket.cancel_step = self.steps
+        ticket.cancelled = True
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stats(self) -> dict[str, Any]:
+        """Rows decoding, requests waiting (prefilling included) and realized batch sizes."""
+        running, prefilling = self._rows_running(), self._prefilling()
+        return {
+            "running": running,
+            "waiting": len(self.waiting) + prefilling,
+            "steps": self.steps,
+            "prefill_chunks": self.prefill_chunks,
+            "batch_sizes": dict(sorted(dict(self.batch_sizes).items())),  # copied under the GIL
+            "evicted_cancelled": self.cancelled,
+            "max_eviction_lag_steps": self.max_eviction_lag,
+            "max_prefill_chunk_tokens": self.max_prefill_chunk,
+            "max_num_seqs": self.max_num_seqs,
+            "max_prefill_tokens": self.max_prefill_tokens,
+        }
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        """Stop the thread after its current step. Joined, so no model op is still running in it
+        when the interpreter exits (that aborts the process)."""
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        if threading.current_thread() is not self._thread and self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    # --- for subclasses (scheduler thread) ----------------------------------------------------
+
+    def _iteration(self) -> None:
+        raise NotImplementedError
+
+    def _rows_running(self) -> int:
+        raise NotImplementedError
+
+    def _prefilling(self) -> int:
+        """Requests admitted but still prefilling."""
+        return 0
+
+    def _held(self) -> list[Ticket]:
+        """Every ticket the engine holds (running or prefilling), to fail them on an error."""
+        raise NotImplementedError
+
+    def _forget(self) -> None:
+        """Drop every running row and prefill after an error (their tickets were failed)."""
+        raise NotImplementedError
+
+    def _idle(self) -> bool:
+        return not self.waiting and not self._held()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stop and self._idle():
+                    self._wake.wait()
+                if self._stop:
+                    return
+            try:
+                with torch.inference_mode():
+                    self._iteration()
+            except Exception as exc:  # a failed forward fails the requests it held, not the loop
+                logger.exception("chat scheduler step failed")
+                tickets = self._held()
+                self._forget()
+                for t in set(tickets):
+                    t.sink(exc)
+
+    def _drop_cancelled_waiting(self) -> None:
+        with self._wake:
+            for t in [t for t in self.waiting if t.cancelled]:
+                self.waiting.remove(t)
+                self.cancelled += 1
+
+    def _note_cancelled(self, tickets: set[Ticket]) -> None:
+        self.cancelled += len(tickets)
+        if tickets:
+            lag = max(self.steps - t.cancel_step for t in tickets)
+            self.max_eviction_lag = max(self.max_eviction_lag, lag)
+
+    def _take(self, fits: Callable[[list[Ticket], Ticket], bool]) -> list[Ticket]:
+        """Waiting requests, oldest first, while ``fits(chosen, next)``; reports their waits."""
+        chosen: list[Ticket] = []
+        with self._wake:
+            while self.waiting and fits(chosen, self.waiting[0]):
+                chosen.append(self.waiting.popleft())
+        if chosen and self.on_admit is not None:
+            now = time.monotonic()
+            for t in chosen:
+                self.on_admit(now - t.submitted)
+        return chosen
+
+    def _new_rows(self, ticket: Ticket) -> list[Row]:
+        """The rows of a request whose prompt is prefilled: one per choice."""
+        p = ticket.prepared
+        ticket.live_rows = p.n
+        ticket.used = [0] * p.n
+        return [
+            Row(
+                ticket,
+                c,
+                RowDecoder(self.decode, p.stop, p.max_tokens, self.eos_ids),
+                row_sampling(p, c, self.device, self.grammars, self.vocab),
+            )
+            for c in range(p.n)
+        ]
+
+    def _prompt_done(self, ticket: Ticket, scored: list[TokenLogprobs | None]) -> bool:
+        """A request's prompt is in the cache: send its prompt logprobs (when asked); a request
+        that generates nothing (``max_tokens`` 0: scoring the prompt) is finished here. Whether
+        rows should start for it."""
+        p = ticket.prepared
+        if p.prompt_logprobs is not None:
+            ticket.sink(PromptScored(list(p.input_ids), [None, *scored]))
+        if p.max_tokens == 0:
+            ticket.sink(Finished([0] * p.n))
+            return False
+        return True
+
+    def _count_step(self, rows: int) -> None:
+        self.steps += 1
+        self.batch_sizes[rows] += 1
+        if self.on_step is not None:
+            self.on_step(rows)
+
+    def _advance(self, rows: list[Row], logits: torch.Tensor) -> Step:
+        """Sample one token per row and turn it into text: which rows go on, and the events.
+
+        The caller evicts the rows that ended, then calls ``step.deliver()``: a caller told
+        Finished sees its rows gone.
+        """
+        tokens, logprobs = sample(logits, [r.sampling for r in rows])
+        step = Step()
+        for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+            row.last = int(token)
+            text = row.decoder.push(int(token))
+            reason = row.decoder.finish_reason
+            scored = _scored(logprobs[i], self.eos_ids)
+            if text or reason is not None or scored:
+                ev = StepEvent(row.index, text, reason, len(row.decoder.tokens), scored)
+                step.events.setdefault(row.ticket, []).append(ev)
+            step.alive.append(reason is None)
+            if reason is None:
+                continue
+            row.ticket.used[row.index] = len(row.decoder.tokens)
+            row.ticket.live_rows -= 1
+            if row.ticket.live_rows == 0:
+                step.finished.append(row.ticket)
+        return step
+
+
+@dataclass
+class Step:
+    """What one step of sampling gave: per row whether it goes on, events per request, and the
+    requests whose every row ended."""
+
+    alive: list[bool] = field(default_factory=list)
+    events: dict[Ticket, list[StepEvent]] = field(default_factory=dict)
+    finished: list[Ticket] = field(default_factory=list)
+
+    def deliver(self) -> None:
+        for ticket, evs in self.events.items():
+            ticket.sink(evs)
+        for ticket in self.finished:
+            ticket.sink(Finished(list(ticket.used)))
+
+    @property
+    def kept(self) -> list[int]:
+        return [i for i, going_on in enumerate(self.alive) if going_on]
+
+
+def _scored(logprobs: TokenLogprobs | None, eos_ids: frozenset[int]) -> list[TokenLogprobs]:
+    """A step's logprobs as an event carries them: none for an end-of-sequence token (OpenAI
+    reports the answer's tokens, not the end marker)."""
+    return [] if logprobs is None or logprobs.token in eos_ids else [logprobs]
+
+
+def score_prompt(
+    logits: torch.Tensor, next_tokens: list[int], k: int
+) -> list[TokenLogprobs | None]:
+    """Prompt logprobs from the logits at consecutive positions: row j scores ``next_tokens[j]``
+    (the token that followed), with its ``k`` most likely alternatives."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    out: list[TokenLogprobs | None] = []
+    for row, token in zip(logprobs, next_tokens, strict=True):
+        top: list[tuple[int, float]] = []
+        if k:
+            values, ids = torch.topk(row, k)
+            top = [(int(t), float(v)) for t, v in zip(ids, values, strict=True)]
+        out.append(TokenLogprobs(int(token), float(row[token]), top))
+    return out

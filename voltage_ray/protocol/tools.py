@@ -1,0 +1,146 @@
+"""What a chat request may ask of its output's shape: tools, tool_choice and response_format.
+
+OpenAI's own field names and shapes (the spec is silent on all of them). Only function tools
+exist here; JSON schemas are kept as the client sent them (``schema_`` aliases ``schema``, a name
+pydantic reserves) and checked where they are compiled into a grammar (``backends/grammar.py``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from voltage_ray.protocol.common import RequestModel, ResponseModel
+
+NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+NAME_RULE = "must be 1-64 characters of a-z, A-Z, 0-9, underscores and dashes"
+
+
+def _check_name(value: str, what: str) -> str:
+    if not NAME.match(value):
+        raise ValueError(f"{what} {value!r} {NAME_RULE}")
+    return value
+
+
+class FunctionDefinition(RequestModel):
+    """OpenAI's `FunctionObject`: a function the model may call."""
+
+    name: str
+    description: str | None = None
+    # A JSON schema object; omitted means a function that takes no arguments.
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name(v, "function name")
+
+    @property
+    def parameters_schema(self) -> dict[str, Any]:
+        return self.parameters if self.parameters is not None else {"type": "object"}
+
+
+class Tool(RequestModel):
+    """OpenAI's `ChatCompletionTool` (function tools only)."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(RequestModel):
+    name: str
+
+
+class NamedToolChoice(RequestModel):
+    """`tool_choice: {"type": "function", "function": {"name": ...}}`: call exactly this one."""
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class FunctionCallIn(RequestModel):
+    """A call an assistant message made earlier: ``arguments`` is JSON text, as OpenAI sends it."""
+
+    name: str
+    arguments: str
+
+
+class ToolCallIn(RequestModel):
+    """An earlier assistant message's tool call (OpenAI's `ChatCompletionMessageToolCall`)."""
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCallIn
+
+
+class TextFormat(RequestModel):
+    type: Literal["text"]
+
+
+class JSONObjectFormat(RequestModel):
+    """Any JSON object (OpenAI's JSON mode)."""
+
+    type: Literal["json_object"]
+
+
+class JSONSchemaSpec(RequestModel):
+    """OpenAI's `JSONSchema`: ``name`` identifies it, ``schema`` is what the output must match."""
+
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name(v, "json_schema name")
+
+
+class JSONSchemaFormat(RequestModel):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaSpec
+
+
+ResponseFormat = Annotated[
+    TextFormat | JSONObjectFormat | JSONSchemaFormat, Field(discriminator="type")
+]
+
+
+class StructuredOutputs(RequestModel):
+    """Extension (vLLM's ``structured_outputs``, as vLLM clients send it in ``extra_body``):
+    the text must match a regular expression, be one of ``choice``, or match a JSON schema.
+    Exactly one of them."""
+
+    json_: dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = Field(default=None, min_length=1)
+    choice: list[str] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one(self) -> StructuredOutputs:
+        given = [v for v in (self.json_, self.regex, self.choice) if v is not None]
+        if len(given) != 1:
+            raise ValueError("structured_outputs takes exactly one of json, regex and choice")
+        return self
+
+
+# --- responses ------------------------------------------------------------------------------
+
+
+class FunctionCallOut(ResponseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(ResponseModel):
+    """A tool call in a response message (OpenAI's `ChatCompletionMessageToolCall`)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
