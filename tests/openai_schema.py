@@ -99,8 +99,25 @@ def assert_conforms(schema_name: str, obj: Any) -> None:
     assert not found, f"not an OpenAI {schema_name}:\n  " + "\n  ".join(found)
 
 
-def assert_completion_conforms(body: Any) -> None:
-    """A legacy `POST /completions` body: the JSON answer and every stream chunk alike (OpenAI's
-    completions stream sends the same `text_completion` object). Ready for when the endpoint
-    exists."""
+def assert_completion_conforms(body: Any, *, chunk: bool = False, echo: bool = False) -> None:
+    """A legacy `POST /completions` body: the JSON answer or a stream chunk (OpenAI's
+    completions stream sends the same `text_completion` object).
+
+    Three nulls OpenAI's API itself sends where its document types a value, each allowed only
+    where the API sends it: `finish_reason` of a stream chunk before the choice ends, `usage`
+    of a stream chunk but the last (with ``stream_options.include_usage``), and, with ``echo``,
+    the logprob and alternatives of the prompt's first token (nothing precedes it to score it).
+    They are replaced by a conforming value before the check; any other null is a violation.
+    """
+    body = json.loads(json.dumps(body))
+    if chunk and body.get("usage", 0) is None:
+        del body["usage"]
+    for choice in body.get("choices", []):
+        if chunk and choice.get("finish_reason") is None:
+            choice["finish_reason"] = "length"
+        lp = choice.get("logprobs")
+        if echo and lp and lp["token_logprobs"] and lp["token_logprobs"][0] is None:
+            lp["token_logprobs"][0] = 0.0
+            if lp["top_logprobs"][0] is None:
+                lp["top_logprobs"][0] = {}
     assert_conforms("CreateCompletionResponse", body)

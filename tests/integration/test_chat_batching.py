@@ -46,7 +46,9 @@ def chat_model(model_id: str, source: dict[str, Any], **chat: Any) -> dict[str, 
         "kind": "chat",
         "source": source,
         "chat": {"torch_threads": 2, **chat},
-        "deployment": small_deployment(),  # max_ongoing_requests follows max_num_seqs
+        # max_ongoing_requests follows max_num_seqs; the queue holds every request these
+        # tests send at once (overload is test_overload's).
+        "deployment": small_deployment(max_queued_requests=64),
     }
 
 

@@ -2,15 +2,14 @@
 
 Every JSON body and every stream chunk, as it comes over the wire (httpx, not the SDK's lenient
 models), validates against the schema OpenAI publishes for it (tests/schemas, see its README).
-Legacy completions (`POST /completions`) is not served yet: `assert_completion_conforms` in
-tests/openai_schema.py is ready for its test.
+Chat answers with tool calls and logprobs, and legacy completions (JSON and stream chunks, echo
+and logprobs) included.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,13 +18,9 @@ import numpy as np
 import pytest
 
 from tests.integration.conftest import ServedApp
-from tests.openai_schema import assert_conforms, violations
+from tests.openai_schema import assert_completion_conforms, assert_conforms
 
 USER = [{"role": "user", "content": "Name three colours"}]
-# The one gap the chat protocol had at commit a3b7d43: OpenAI's ChatCompletionResponseMessage
-# requires `refusal` (a string or null) and voltage_ray's ResponseMessage did not send it. The
-# chat protocol rework (tool calls, logprobs, `refusal: null`) closes it; delete this then.
-KNOWN_CHAT_GAPS = re.compile(r"\['choices'\]\[\d+\]\['message'\]: 'refusal' is a required property")
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +46,65 @@ def stream_chunks(client: httpx.Client, body: dict[str, Any]) -> list[Any]:
 
 def test_chat_completion(client: httpx.Client) -> None:
     body = post(client, "/v1/chat/completions", {"model": "gpt-4", "messages": USER, "n": 2})
-    found = violations("CreateChatCompletionResponse", body)
-    unknown = [line for line in found if not KNOWN_CHAT_GAPS.fullmatch(line)]
-    assert not unknown, "not an OpenAI CreateChatCompletionResponse:\n  " + "\n  ".join(unknown)
-    if found:
-        pytest.xfail(
-            "choices[].message has no `refusal`: OpenAI's ChatCompletionResponseMessage requires "
-            "it (string or null); voltage_ray/protocol/chat.py's ResponseMessage does not send it"
-        )
+    assert_conforms("CreateChatCompletionResponse", body)
+
+
+def test_chat_completion_with_tool_calls_and_logprobs(client: httpx.Client) -> None:
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 8}},
+                "required": ["city"],
+            },
+        },
+    }
+    request = {
+        "model": "smol",
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": [tool],
+        "tool_choice": "required",
+        "logprobs": True,
+        "top_logprobs": 2,
+        "max_tokens": 60,
+    }
+    body = post(client, "/v1/chat/completions", request)
+    assert body["choices"][0]["message"]["tool_calls"], body
+    assert_conforms("CreateChatCompletionResponse", body)
+    chunks = stream_chunks(client, request)
+    assert any(c["choices"] and c["choices"][0]["delta"].get("tool_calls") for c in chunks)
+    for chunk in chunks:
+        assert_conforms("CreateChatCompletionStreamResponse", chunk)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completions(client: httpx.Client, stream: bool) -> None:
+    request = {
+        "model": "smol",
+        "prompt": ["The sky is", "Two plus two is"],
+        "max_tokens": 5,
+        "n": 2,
+        "logprobs": 2,
+        "echo": True,
+        "temperature": 0.7,
+        "seed": 1,
+    }
+    if not stream:
+        body = post(client, "/v1/completions", request)
+        assert len(body["choices"]) == 4
+        assert_completion_conforms(body, echo=True)
+        return
+    request["stream_options"] = {"include_usage": True}
+    with client.stream("POST", "/v1/completions", json={**request, "stream": True}) as r:
+        assert r.status_code == 200, r.read().decode()
+        payloads = [line.removeprefix("data: ") for line in r.iter_lines() if line]
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+    for chunk in chunks:
+        assert_completion_conforms(chunk, chunk=True, echo=True)
 
 
 @pytest.mark.parametrize("include_usage", [None, False, True])

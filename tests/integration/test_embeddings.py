@@ -88,6 +88,23 @@ def test_both_prefixes_and_both_names(client: httpx.Client, prefix: str) -> None
     np.testing.assert_allclose(vectors(by_alias), vectors(by_id.json()), atol=1e-6)
 
 
+def test_token_id_inputs_embed_as_their_decoded_text(client: httpx.Client, tokenizer: Any) -> None:
+    """OpenAI's token input: ids in the model's tokenizer, one array or several; each embeds as
+    the text it decodes to (its special tokens, if sent, dropped: the model adds its own)."""
+    texts = ["The quick brown fox", "jumps over the lazy dog"]
+    ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    decoded = [tokenizer.decode(i) for i in ids]
+    want = vectors(embed(client, decoded))
+    many = embed(client, ids)
+    np.testing.assert_allclose(vectors(many), want, atol=1e-5)
+    assert many["usage"]["prompt_tokens"] == sum(len(i) for i in ids)
+    one = embed(client, tokenizer.encode(texts[0]))  # with [CLS] ... [SEP]
+    np.testing.assert_allclose(vectors(one)[0], want[0], atol=1e-5)
+    r = client.post("/v1/embeddings", json={"model": ALIAS, "input": [[5, len(tokenizer) + 7]]})
+    assert r.status_code == 400 and "outside this model's vocabulary" in r.json()["error"], r.text
+    assert r.json()["details"]["param"] == "input"
+
+
 def test_many_inputs_keep_order_and_match_single_requests(
     client: httpx.Client, tokenizer: Any, handle: Any
 ) -> None:

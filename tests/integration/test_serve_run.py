@@ -105,11 +105,12 @@ def test_serve_run_as_a_user(started) -> None:  # type: ignore[no-untyped-def]
     client = openai.OpenAI(base_url=base + "/v1", api_key=key)
     reply = client.chat.completions.create(
         model="gpt-4",
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        messages=[{"role": "user", "content": "Why is the sky blue?"}],
         temperature=0,
-        max_tokens=20,
+        max_tokens=24,
     )
-    assert "Paris" in reply.choices[0].message.content  # the real SmolLM2 answers
+    # the real SmolLM2 answers (llama.cpp engine; see test_chat_batching on near-ties)
+    assert "Rayleigh" in reply.choices[0].message.content
     stream = client.chat.completions.create(
         model="gpt-4",
         messages=[{"role": "user", "content": "Say hello"}],

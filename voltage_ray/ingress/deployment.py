@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 READY_STATES = frozenset({"HEALTHY", "UPSCALING", "DOWNSCALING"})
 STATUS_CACHE_S = 1.0
+KEY_MISS_SYNC_S = 0.25  # an unknown key id syncs the keys at most this often
 STATUS_STALE_S = 5.0  # an older view is refreshed before it is used
 ROUTABLE_POLL_S = 0.25  # how often a try waiting for a replica asks Serve again
 INPUTS_PER_SHARED_CALL = 256  # embeddings inputs one shared call carries at most
@@ -82,6 +83,8 @@ class Ingress:
         self.keys = KeyRing()
         await self.limiter.sync_keys(self.keys)  # serve with every key known
         self._following: asyncio.Task[None] | None = None
+        self._catching_up: asyncio.Future[None] | None = None
+        self._caught_at = 0.0
         self._follow_keys()
         auth = self.config.auth
         self.trusted_proxies = auth.networks()
@@ -105,7 +108,10 @@ class Ingress:
         """The caller, checked in this replica (no remote call); else a 401, or a 429 once the
         client's address has failed too often."""
         self._follow_keys()
-        principal, failure = self.keys.verify(presented_key(request))
+        key = presented_key(request)
+        principal, failure = self.keys.verify(key)
+        if failure == "unknown" and await self._caught_up():  # a key created a moment ago
+            principal, failure = self.keys.verify(key)
         if principal is None:
             raise await self._refusal(request, failure or "missing")
         request.state.principal = principal
@@ -139,6 +145,23 @@ class Ingress:
             },
             headers={"Retry-After": str(wait)},
         )
+
+    async def _caught_up(self) -> bool:
+        """Sync the keys now for an unknown id, so a key created a moment ago works at once:
+        at most once per KEY_MISS_SYNC_S, one sync shared by every miss meanwhile (a flood of
+        invented ids costs the limiter a few cheap change-log reads a second, never a key
+        lookup or an admission). Whether a sync ran for this caller."""
+        task, now = self._catching_up, time.monotonic()
+        if task is None or (task.done() and now - self._caught_at >= KEY_MISS_SYNC_S):
+            self._caught_at = now
+            task = self._catching_up = asyncio.ensure_future(self.limiter.sync_keys(self.keys))
+        elif task.done():
+            return False
+        try:
+            await asyncio.shield(task)
+        except Exception:  # the limiter unavailable: the copy in hand answers
+            return False
+        return True
 
     def _follow_keys(self) -> None:
         """Keep the keys fresh, from the loop requests run on (started with the replica; started
