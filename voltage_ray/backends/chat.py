@@ -196,17 +196,10 @@ class Prompter:
         constraint = constraint_of(request)
         if constraint is not None:
             self.grammars.compile(constraint)
-        return Prepared(
-            input_ids=input_ids,
-            max_tokens=max_tokens,
-            n=request.n,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            presence_penalty=request.presence_penalty,
-            frequency_penalty=request.frequency_penalty,
-            stop=request.stop_list,
-            seed=request.seed,
-            logit_bias=self._logit_bias(request.logit_bias),
+        return self._prepared(
+            input_ids,
+            max_tokens,
+            request,
             logprobs=request.top_logprobs_count,
             constraint=constraint,
         )
@@ -237,6 +230,18 @@ class Prompter:
                 f"prompt has {len(input_ids)}."
             )
         scored = request.logprobs
+        return self._prepared(
+            input_ids,
+            max_tokens,
+            request,
+            logprobs=scored,
+            prompt_logprobs=scored if request.echo else None,
+        )
+
+    def _prepared(
+        self, input_ids: list[int], max_tokens: int, request: Any, **asks: Any
+    ) -> Prepared:
+        """The fields chat and completions requests share; ``asks``: the rest."""
         return Prepared(
             input_ids=input_ids,
             max_tokens=max_tokens,
@@ -248,8 +253,7 @@ class Prompter:
             stop=request.stop_list,
             seed=request.seed,
             logit_bias=self._logit_bias(request.logit_bias),
-            logprobs=scored,
-            prompt_logprobs=scored if request.echo else None,
+            **asks,
         )
 
     def _check_choices(self, n: int) -> None:

@@ -17,11 +17,18 @@ from collections.abc import AsyncGenerator, Callable
 from typing import Any, Protocol
 
 from voltage_ray.backends.batching import BatchScheduler
-from voltage_ray.backends.chat import ChatEngine, Finished, Prepared, Prompter, StepEvent
+from voltage_ray.backends.chat import (
+    ChatEngine,
+    Finished,
+    Prepared,
+    Prompter,
+    PromptScored,
+    StepEvent,
+)
 from voltage_ray.backends.scheduler import Scheduler
 from voltage_ray.config import ChatSettings
 
-Events = AsyncGenerator[list[StepEvent] | Finished, None]
+Events = AsyncGenerator[list[StepEvent] | PromptScored | Finished, None]
 
 
 class ChatBackend(Protocol):

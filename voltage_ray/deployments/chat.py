@@ -135,7 +135,9 @@ class ChatServer:
             for i in range(prepared.n)
         ]
 
-    async def _events(self, prepared: Prepared) -> AsyncIterator[list[StepEvent] | Finished]:
+    async def _events(
+        self, prepared: Prepared
+    ) -> AsyncIterator[list[StepEvent] | PromptScored | Finished]:
         """The engine's events for one request, with the replica's counters."""
         events = self.backend.stream(prepared)
         self._stats["generations"] += 1
@@ -162,6 +164,7 @@ class ChatServer:
             if isinstance(item, Finished):
                 completion = sum(item.tokens)
                 continue
+            assert not isinstance(item, PromptScored)  # chat asks for no prompt logprobs
             for ev in item:
                 outputs[ev.index].add(ev)
         return ChatCompletionResponse(
@@ -204,6 +207,7 @@ class ChatServer:
                 row_tokens = list(item.tokens)
                 yield chunk([])
                 return
+            assert not isinstance(item, PromptScored)  # chat asks for no prompt logprobs
             for ev in item:
                 row_tokens[ev.index] = ev.tokens
                 for choice in outputs[ev.index].deltas(ev):

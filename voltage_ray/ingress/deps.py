@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 def get_ingress(request: Request) -> Services:
     """The Ingress replica serving this app, as the routes see it."""
-    return request.app.state.ingress  # type: ignore[no-any-return]
+    return request.app.state.ingress
 
 
 async def get_principal(request: Request) -> Principal:

@@ -169,27 +169,8 @@ class ChatCompletionRequest(RequestModel):
         "function_call": ("use tool_choice (function_call is OpenAI's deprecated form)", ()),
     }
 
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
-        items = [v] if isinstance(v, str) else (v or [])
-        if len(items) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"stop may hold at most {MAX_STOP_SEQUENCES} sequences")
-        if any(s == "" for s in items):
-            raise ValueError("stop sequences must not be empty")
-        for item in items:
-            require_unicode(item, "stop")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        for key, bias in (v or {}).items():
-            if not key.isdigit():
-                raise ValueError(f"logit_bias keys must be token ids; got {key!r}")
-            if not -100 <= bias <= 100:
-                raise ValueError(f"logit_bias values must be in [-100, 100]; got {bias} for {key}")
-        return v
+    _stop = field_validator("stop")(lambda cls, v: check_stop(v))
+    _logit_bias = field_validator("logit_bias")(lambda cls, v: check_logit_bias(v))
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
@@ -381,6 +362,28 @@ class ChatCompletionChunk(ResponseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
+
+
+def check_stop(v: str | list[str] | None) -> str | list[str] | None:
+    """``stop`` of chat and completions: at most MAX_STOP_SEQUENCES, none empty, valid text."""
+    items = [v] if isinstance(v, str) else (v or [])
+    if len(items) > MAX_STOP_SEQUENCES:
+        raise ValueError(f"stop may hold at most {MAX_STOP_SEQUENCES} sequences")
+    if any(s == "" for s in items):
+        raise ValueError("stop sequences must not be empty")
+    for item in items:
+        require_unicode(item, "stop")
+    return v
+
+
+def check_logit_bias(v: dict[str, float] | None) -> dict[str, float] | None:
+    """``logit_bias`` of chat and completions: token-id keys, values in [-100, 100]."""
+    for key, bias in (v or {}).items():
+        if not key.isdigit():
+            raise ValueError(f"logit_bias keys must be token ids; got {key!r}")
+        if not -100 <= bias <= 100:
+            raise ValueError(f"logit_bias values must be in [-100, 100]; got {bias} for {key}")
+    return v
 
 
 def completion_id(prefix: str = "chatcmpl") -> str:

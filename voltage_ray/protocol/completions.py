@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from voltage_ray.protocol.chat import MAX_STOP_SEQUENCES, StreamOptions
+from voltage_ray.protocol.chat import StreamOptions, check_logit_bias, check_stop
 from voltage_ray.protocol.common import RequestModel, ResponseModel, Usage, require_unicode
 
 MAX_LOGPROBS = 5
@@ -51,7 +51,7 @@ class CompletionRequest(RequestModel):
         if not v:
             raise ValueError("prompt must not be an empty list")
         if all(isinstance(x, int) for x in v):  # one prompt of token ids
-            if min(v) < 0:  # type: ignore[type-var]
+            if any(isinstance(x, int) and x < 0 for x in v):
                 raise ValueError("token ids must not be negative")
             return v
         if len(v) > MAX_PROMPTS:
@@ -61,29 +61,12 @@ class CompletionRequest(RequestModel):
                 require_unicode(item, "prompt")
             elif not item:
                 raise ValueError("a token-id prompt must not be empty")
-            elif min(item) < 0:  # type: ignore[type-var, operator]
+            elif isinstance(item, list) and min(item) < 0:
                 raise ValueError("token ids must not be negative")
         return v
 
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
-        items = [v] if isinstance(v, str) else (v or [])
-        if len(items) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"stop may hold at most {MAX_STOP_SEQUENCES} sequences")
-        if any(s == "" for s in items):
-            raise ValueError("stop sequences must not be empty")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        for key, bias in (v or {}).items():
-            if not key.isdigit():
-                raise ValueError(f"logit_bias keys must be token ids; got {key!r}")
-            if not -100 <= bias <= 100:
-                raise ValueError(f"logit_bias values must be in [-100, 100]; got {bias} for {key}")
-        return v
+    _stop = field_validator("stop")(lambda cls, v: check_stop(v))
+    _logit_bias = field_validator("logit_bias")(lambda cls, v: check_logit_bias(v))
 
     @model_validator(mode="after")
     def _consistent(self) -> CompletionRequest:
