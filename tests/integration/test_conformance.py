@@ -69,6 +69,7 @@ def test_chat_completion_with_tool_calls_and_logprobs(client: httpx.Client) -> N
         "logprobs": True,
         "top_logprobs": 2,
         "max_tokens": 60,
+        "temperature": 0,
     }
     body = post(client, "/v1/chat/completions", request)
     assert body["choices"][0]["message"]["tool_calls"], body

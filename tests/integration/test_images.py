@@ -250,7 +250,8 @@ BAD_BODIES = {
     "steps below 10": {"prompt": "p", "num_inference_steps": 9},
     "steps above 150": {"prompt": "p", "num_inference_steps": 151},
     "negative seed": {"prompt": "p", "seed": -1},
-    "unknown field": {"prompt": "p", "quality": "hd"},
+    "unknown field": {"prompt": "p", "sharpness": "hd"},
+    "quality not in the enum": {"prompt": "p", "quality": "ultra"},
     "body not an object": ["p"],
 }
 

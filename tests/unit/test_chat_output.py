@@ -57,11 +57,14 @@ def test_tool_calls_make_content_null_and_finish_with_tool_calls() -> None:
     assert choice["finish_reason"] == "tool_calls" and choice["logprobs"] is None
 
 
-def test_a_tool_call_cut_by_length_is_text_that_finished_by_length() -> None:
+def test_a_forced_call_cut_by_length_stays_a_call_that_finished_by_length() -> None:
+    """As OpenAI answers, and as the stream already sent it: the arguments written so far."""
     choice = whole(
         ChoiceOutput(0, NamedParser("f"), token_bytes, False), events('{"x": ', reason="length")
     )
-    assert choice["message"]["content"] == '{"x": ' and "tool_calls" not in choice["message"]
+    assert choice["message"]["content"] is None
+    [call] = choice["message"]["tool_calls"]
+    assert call["function"] == {"name": "f", "arguments": '{"x": '}
     assert choice["finish_reason"] == "length"
 
 

@@ -93,9 +93,21 @@ def test_named_function_arguments_are_the_whole_text() -> None:
     assert s_calls[0]["name"] == "f" and s_calls[0]["arguments"] == '{"q": [1, 2]}'
 
 
-def test_a_cut_short_forced_call_is_content() -> None:
-    cut = '[{"name": "a", "parameters": {"x": 1'
-    assert RequiredParser().parse(cut) == (cut, [])
+@pytest.mark.parametrize("step", [1, 4, 10_000])
+def test_a_cut_short_forced_call_stays_a_call_as_it_streamed(step: int) -> None:
+    cut = '[{"name": "a", "parameters": {"x": 1}}, {"name": "b", "parameters": {"y": "ab'
+    content, calls = RequiredParser().parse(cut)
+    assert content == ""
+    assert [(c.name, c.arguments) for c in calls] == [("a", '{"x": 1}'), ("b", '{"y": "ab')]
+    _, s_calls = streamed(RequiredParser(), cut, step)
+    assert [(c["name"], c["arguments"]) for c in s_calls] == [(c.name, c.arguments) for c in calls]
+    content, calls = NamedParser("f").parse('{"q": [1')
+    assert (content, [(c.name, c.arguments) for c in calls]) == ("", [("f", '{"q": [1')])
+
+
+def test_a_cut_short_hermes_call_is_content() -> None:
+    cut = '<tool_call>{"name": "a", "arguments": {"x": 1'
+    assert HermesParser().parse(cut) == (cut, [])
 
 
 @pytest.mark.parametrize(

@@ -149,6 +149,10 @@ class ToolParser:
     read a stream; both give the same calls."""
 
     name: ClassVar[str] = ""
+    # The text is a call by construction (the constraint of ``required`` or a named function):
+    # only ``max_tokens`` can cut it short, and then the call stays a call with the arguments
+    # written so far, as OpenAI returns it (``finish_reason: length``) and as a stream sends it.
+    forced: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.bodies: list[_CallBody] = []
@@ -165,10 +169,11 @@ class ToolParser:
         return [b.call for b in self.bodies if b.call.name]
 
     def parse(self, text: str) -> tuple[str, list[Call]]:
-        """Content and calls of a whole answer. A call that is not a named function with a JSON
-        object as arguments leaves the whole answer as content, with no calls (as vLLM does)."""
+        """Content and calls of a whole answer. In the model's own format, a call that is not a
+        named function with a JSON object as arguments leaves the whole answer as content, with
+        no calls (as vLLM does); a forced call cut short stays a call (:attr:`forced`)."""
         parsed = self.push(text).add(self.finish())
-        if self.bodies and not all(b.valid for b in self.bodies):
+        if not self.forced and self.bodies and not all(b.valid for b in self.bodies):
             return text, []
         return parsed.content, self.calls
 
@@ -221,6 +226,8 @@ class HermesParser(ToolParser):
 class RequiredParser(ToolParser):
     """``tool_choice: required``: a JSON array of ``{"name", "parameters"}`` objects."""
 
+    forced = True
+
     def __init__(self) -> None:
         super().__init__()
         self._depth = 0
@@ -257,6 +264,8 @@ class RequiredParser(ToolParser):
 
 class NamedParser(ToolParser):
     """A named function: the whole text is its arguments."""
+
+    forced = True
 
     def __init__(self, function: str) -> None:
         super().__init__()
