@@ -116,11 +116,13 @@ def app_args(engine: str, a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cpu_app_args(engine: str, a: argparse.Namespace) -> dict[str, Any]:
-    """``build_app`` args: the GGUF as one chat replica with ``--threads`` CPUs (llama.cpp's
-    threads, torch's threads); the ingress asks none, so both fit a node of that many CPUs."""
+    """``build_app`` args: the GGUF as ``--replicas`` chat replicas sharing ``--threads`` CPUs
+    (llama.cpp's threads, torch's threads: threads / replicas each); the ingress asks none, so
+    all fit a node of that many CPUs."""
+    per_replica = a.threads // a.replicas
     chat: dict[str, Any] = {"engine": engine, "max_num_seqs": 8, "default_max_tokens": a.max_tokens}
     if engine == "transformers":
-        chat["torch_threads"] = a.threads
+        chat["torch_threads"] = per_replica
     return {
         "models": [
             {
@@ -130,8 +132,8 @@ def cpu_app_args(engine: str, a: argparse.Namespace) -> dict[str, Any]:
                 "source": {"gguf": SMOL_GGUF},
                 "chat": chat,
                 "deployment": {
-                    "num_replicas": 1,
-                    "ray_actor_options": {"num_cpus": a.threads},
+                    "num_replicas": a.replicas,
+                    "ray_actor_options": {"num_cpus": per_replica},
                 },
             }
         ],
@@ -184,7 +186,8 @@ async def measure_modes(app: App, a: argparse.Namespace, engine: str) -> list[Le
 
 
 def run_cpu_engine(engine: str, a: argparse.Namespace) -> list[Level] | None:
-    print(f"\n== {engine}: starting ({a.threads} threads)", flush=True)
+    ours = f", {a.replicas} replicas" if engine != "llama-server" and a.replicas > 1 else ""
+    print(f"\n== {engine}: starting ({a.threads} threads{ours})", flush=True)
     try:
         if engine == "llama-server":
             context: Any = llama_server(a)
@@ -231,7 +234,11 @@ def _level(got: list[Level] | None, streams: int, mode: str) -> Level | None:
 
 async def measure(app: App, a: argparse.Namespace, engine: str) -> list[Level]:
     """Warm up, then one closed-loop level per ``--levels`` entry; each prints as it ends."""
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    # llama-server (cpp-httplib) closes idle keep-alive connections after a few seconds without
+    # telling the pool, which then fails the next request; it gets a fresh connection per
+    # request (a local connect: well under a millisecond against requests of about a second).
+    keep = 0 if engine == "llama-server" else 256
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=keep)
     sampling = GREEDY if a.mode == "greedy" else SAMPLED
     levels: list[Level] = []
     async with httpx.AsyncClient(
@@ -326,6 +333,9 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--stagger", type=float, default=None, help="worker k starts k * this s in")
     p.add_argument("--threads", type=int, default=2, help="cpu: every side's threads")
+    p.add_argument(
+        "--replicas", type=int, default=1, help="cpu: our chat replicas, threads / replicas each"
+    )
     p.add_argument("--llama-server", default=None, help="cpu: path of llama-server")
     p.add_argument("--slot-context", type=int, default=2048, help="cpu: llama-server ctx/slot")
     p.add_argument("--proxy", choices=["default", "haproxy"], default="default")
@@ -347,6 +357,8 @@ def parse_args() -> argparse.Namespace:
         p.error(f"--engines: choose from {', '.join(allowed)} (got {unknown or 'none'})")
     if cpu and "llama-server" in a.engines and not a.llama_server:
         p.error("--llama-server PATH is needed to compare with llama.cpp's own server")
+    if a.replicas < 1 or a.threads % a.replicas:
+        p.error("--replicas must divide --threads")
     return a
 
 

@@ -208,7 +208,9 @@ class ChatSettings(_Strict):
         default=None, ge=8, description="Override of the model's context length in tokens."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="Weights dtype; auto is float32 on CPU, bfloat16 on GPU."
+        default="auto",
+        description="Weights dtype (transformers engine); auto is bfloat16 on GPU and on CPUs "
+        "with native bf16 (AVX512-BF16, AMX), else float32.",
     )
     torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads.")
     max_num_seqs: int = Field(
@@ -237,7 +239,10 @@ class ChatSettings(_Strict):
         description="vllm: the engine's context length (default: max_context, else the model's).",
     )
     enable_prefix_caching: bool = Field(
-        default=True, description="vllm: reuse the KV cache of shared prompt prefixes."
+        default=True,
+        description="vllm and llama_cpp: reuse the KV cache of shared prompt prefixes (a "
+        "llama_cpp slot keeps a finished request's cells for the next prompt that starts "
+        "alike).",
     )
     tool_parser: ToolParserName = Field(
         default="hermes",

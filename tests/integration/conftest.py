@@ -47,7 +47,8 @@ def test_args(tmp: Path) -> dict[str, Any]:
                 "source": {"builtin": "tiny-llama"},
                 # Past the model's 512 positions (RoPE): room for a tools prompt in the tiny
                 # model's character-level tokens.
-                "chat": {"default_max_tokens": 16, "max_context": 2048},
+                # float32: exact batched-vs-alone comparisons (auto is bf16 on bf16 CPUs).
+                "chat": {"default_max_tokens": 16, "max_context": 2048, "dtype": "float32"},
                 "deployment": small_deployment(max_ongoing_requests=16),
             },
             {

