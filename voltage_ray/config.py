@@ -244,6 +244,13 @@ class ChatSettings(_Strict):
         "llama_cpp slot keeps a finished request's cells for the next prompt that starts "
         "alike).",
     )
+    host_prefix_cache_mb: int = Field(
+        default=512,
+        ge=0,
+        description="llama_cpp, with prefix caching: host memory for the KV cells of prefixes "
+        "that had to leave their slot, restored into any slot when a prompt starts alike (as "
+        "llama-server's --cache-ram); 0 turns it off.",
+    )
     tool_parser: ToolParserName = Field(
         default="hermes",
         description="How tool calls are read from the model's text under tool_choice auto: "

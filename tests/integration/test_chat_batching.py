@@ -101,7 +101,8 @@ async def test_eight_greedy_streams_equal_each_alone(served: ServedApp, app: str
     client = sdk(served, app)
     kw = dict(max_tokens=24, temperature=0)
     alone = [await stream(client, "smol", **ask(p, **kw)) for p in PROMPTS]
-    before = (await info(SMOL))["batch_sizes"]
+    state = await info(SMOL)
+    before = state["batch_sizes"]
     together = await asyncio.gather(*[stream(client, "smol", **ask(p, **kw)) for p in PROMPTS])
     assert [r["text"] for r in together] == [r["text"] for r in alone]
     assert [r["usage"].completion_tokens for r in together] == [
@@ -110,9 +111,11 @@ async def test_eight_greedy_streams_equal_each_alone(served: ServedApp, app: str
     # Real weights know why the sky is blue (on either CPU engine: llama.cpp's quantized
     # matmuls and transformers' fp32 part ways on near-ties, e.g. the capital of France).
     assert "Rayleigh" in alone[5]["text"][0]
-    after = (await info(SMOL))["batch_sizes"]
-    batched = {size: n - before.get(size, 0) for size, n in after.items()}
+    now = await info(SMOL)
+    batched = {size: n - before.get(size, 0) for size, n in now["batch_sizes"].items()}
     assert max(size for size, n in batched.items() if n > 0) >= 4  # they shared decode steps
+    if now["engine"] == "llama_cpp":  # the same prompts again: their cells were kept
+        assert now["cached_prompt_tokens"] > state["cached_prompt_tokens"]
 
 
 async def test_seeded_sampled_request_is_the_same_alone_and_batched(

@@ -209,6 +209,35 @@ def test_llama_cpp_reuses_kept_prefixes_and_greedy_text_is_the_same_without(
     assert scheduler.stats()["cached_prompt_tokens"] - before > first.prompt_tokens
 
 
+def test_llama_cpp_restores_a_prefix_that_left_its_slot_from_host_memory(
+    backend: SchedulerBackend,
+) -> None:
+    """Five prompts through four slots: the first one's cells go to host memory when its slot
+    is taken, come back when it is asked again, and give the same greedy text."""
+    if backend.name != "llama_cpp":
+        pytest.skip("llama.cpp's KV slots")
+    scheduler = backend.scheduler
+    topics = ["The sea at night", "Mountains in winter", "Bread", "Old libraries", "The moon"]
+    # Prompts that share only the chat template's head: no slot holds half of another's.
+    jobs = [
+        request(
+            backend,
+            f"{t}: describe them in detail, with colors and sounds.",
+            max_tokens=10,
+            temperature=0,
+        )
+        for t in topics
+    ]
+    first = [run(scheduler, [job])[0][0] for job in jobs]  # one at a time
+    stats = scheduler.stats()
+    assert stats["host_prefixes"] >= 1 and stats["host_prefix_bytes"] > 0
+    assert stats["restored_prompt_tokens"] == 0
+    again = run(scheduler, [jobs[0]])[0][0]
+    assert again == first[0]
+    restored = scheduler.stats()["restored_prompt_tokens"]
+    assert restored == jobs[0].prompt_tokens - 1
+
+
 def test_llama_cpp_slots_stay_beside_busy_ones_before_a_far_kept_prefix(
     backend: SchedulerBackend,
 ) -> None:

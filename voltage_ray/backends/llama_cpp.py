@@ -295,6 +295,22 @@ class LlamaCppModel:
         """Forget a sequence's KV cells, so its slot starts empty at position 0."""
         self._lib.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
 
+    def save(self, seq_id: int) -> Any:
+        """A copy of a sequence's KV cells (a ctypes byte array) for :meth:`restore`."""
+        size = self._lib.llama_state_seq_get_size(self._ctx, seq_id)
+        state = (ctypes.c_uint8 * size)()
+        got = self._lib.llama_state_seq_get_data(self._ctx, state, size, seq_id)
+        if got != size:
+            raise LlamaCppError(f"llama.cpp saved {got} of {size} bytes of sequence {seq_id}")
+        return state
+
+    def restore(self, seq_id: int, state: Any) -> None:
+        """Make ``seq_id`` hold the cells :meth:`save` copied (from any sequence)."""
+        self.drop(seq_id)
+        if self._lib.llama_state_seq_set_data(self._ctx, state, len(state), seq_id) == 0:
+            self.drop(seq_id)
+            raise LlamaCppError(f"llama.cpp could not restore sequence {seq_id}")
+
     def truncate(self, seq_id: int, keep: int) -> None:
         """Keep a sequence's first ``keep`` positions, forget the rest."""
         self._lib.llama_memory_seq_rm(self._memory, seq_id, keep, -1)

@@ -10,8 +10,10 @@ others keep decoding), the shape of llama-server's slot loop (``server-context.c
 Prefix caching (``enable_prefix_caching``, on by default), as llama-server's ``cache_prompt``: a
 finished row's slot keeps its KV cells (prompt and answer); a new prompt takes the free slot
 whose kept tokens share its longest prefix and computes only the rest (a long system prompt,
-the earlier turns of a conversation, a benchmark's repeated prompts): ``_claim``. Greedy text
-is the same with and without (tested).
+the earlier turns of a conversation, a benchmark's repeated prompts): ``_claim``. Cells a slot
+has to give up are copied to host memory first (``host_prefix_cache_mb``, as llama-server's
+``--cache-ram``) and restored into any slot when a prompt starts like them. Greedy text is the
+same with and without (tested).
 
 Sampling is ``backends/sampler.py``'s, as on the transformers engine: per-request temperature,
 top_p, seed (same text alone or batched), penalties, logit_bias, grammars and logprobs, which
@@ -20,6 +22,7 @@ llama.cpp's sampler chains (one per context) cannot mix in one batch.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +33,7 @@ import torch
 from voltage_ray.backends.chat import Prompter, TokenLogprobs
 from voltage_ray.backends.engines import SchedulerBackend
 from voltage_ray.backends.grammar import Grammars
-from voltage_ray.backends.llama_cpp import Chunk, LlamaCppModel
+from voltage_ray.backends.llama_cpp import Chunk, LlamaCppError, LlamaCppModel
 from voltage_ray.backends.scheduler import Row, Scheduler, Ticket, score_prompt
 from voltage_ray.config import ChatSettings
 
@@ -51,6 +54,60 @@ class _Prompt:
         return self.ticket.prepared.prompt_tokens - self.done
 
 
+# Fewer reused tokens than this are not worth a copy of a slot's cells to or from host memory.
+HOST_MIN_TOKENS = 8
+
+
+@dataclass(eq=False)
+class _Saved:
+    tokens: list[int]
+    state: Any  # ctypes byte array from LlamaCppModel.save
+
+
+class HostPrefixes:
+    """KV cells of prefixes that had to leave their slot, in host memory, within ``max_bytes``
+    (least recently used out first): llama-server's ``--cache-ram``. A prefix of a saved entry
+    is not saved again; an entry that a newer one extends is replaced by it."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.entries: collections.OrderedDict[int, _Saved] = collections.OrderedDict()
+        self._next = 0
+
+    def put(self, tokens: list[int], state: Any) -> None:
+        if len(state) > self.max_bytes:
+            return
+        for key, e in list(self.entries.items()):
+            n = _common_prefix(e.tokens, tokens)
+            if n == len(tokens):  # already held, within a longer entry
+                self.entries.move_to_end(key)
+                return
+            if n == len(e.tokens):  # superseded by this longer one
+                self._remove(key)
+        self.entries[self._next] = _Saved(tokens, state)
+        self._next += 1
+        self.bytes += len(state)
+        while self.bytes > self.max_bytes:
+            self._remove(next(iter(self.entries)))
+
+    def best(self, ids: Sequence[int]) -> tuple[int | None, int]:
+        """The entry sharing the longest prefix with ``ids``, and that length."""
+        found, length = None, 0
+        for key, e in self.entries.items():
+            n = _common_prefix(e.tokens, ids)
+            if n > length:
+                found, length = key, n
+        return found, length
+
+    def use(self, key: int) -> _Saved:
+        self.entries.move_to_end(key)
+        return self.entries[key]
+
+    def _remove(self, key: int) -> None:
+        self.bytes -= len(self.entries.pop(key).state)
+
+
 class LlamaCppScheduler(Scheduler):
     """Continuous batching over a :class:`LlamaCppModel` with ``max_num_seqs`` KV slots."""
 
@@ -66,6 +123,7 @@ class LlamaCppScheduler(Scheduler):
         on_admit: Callable[[float], None] | None = None,
         grammars: Grammars | None = None,
         prefix_caching: bool = True,
+        host_cache_bytes: int = 0,
     ) -> None:
         super().__init__(
             decode,
@@ -81,7 +139,10 @@ class LlamaCppScheduler(Scheduler):
         self.free = list(range(model.n_seq_max))  # least recently freed first
         self.kept: dict[int, list[int]] = {}  # a free slot: the tokens its KV cells still hold
         self.prefix_caching = prefix_caching
+        on_host = prefix_caching and host_cache_bytes > 0
+        self.host = HostPrefixes(host_cache_bytes) if on_host else None
         self.cached_prompt_tokens = 0  # prompt tokens taken from kept cells, not computed
+        self.restored_prompt_tokens = 0  # of those, restored from host memory
         self.rows: list[Row] = []
         self.prompts: list[_Prompt] = []
         self.start()
@@ -96,7 +157,14 @@ class LlamaCppScheduler(Scheduler):
         return [r.ticket for r in self.rows] + [p.ticket for p in self.prompts]
 
     def stats(self) -> dict[str, Any]:
-        return {**super().stats(), "cached_prompt_tokens": self.cached_prompt_tokens}
+        host = self.host
+        return {
+            **super().stats(),
+            "cached_prompt_tokens": self.cached_prompt_tokens,
+            "restored_prompt_tokens": self.restored_prompt_tokens,
+            "host_prefixes": len(host.entries) if host else 0,
+            "host_prefix_bytes": host.bytes if host else 0,
+        }
 
     def _forget(self) -> None:
         for slot in [r.slot for r in self.rows] + [p.slot for p in self.prompts]:
@@ -124,8 +192,9 @@ class LlamaCppScheduler(Scheduler):
         whose kept tokens share the longest prefix, when that is at least half the prompt (an
         earlier turn, a long shared system prompt, the same prompt again); otherwise an empty
         slot, so that a short common head (the chat template's default system prompt) does not
-        cost another prompt its cells; else the least recently freed. At least the last prompt
-        token is computed again: its logits choose the first token.
+        cost another prompt its cells; else the least recently freed. Cells the slot loses go
+        to host memory; a longer prefix held there is restored into the slot. At least the
+        last prompt token is computed again: its logits choose the first token.
         """
         busy = {r.slot for r in self.rows} | {p.slot for p in self.prompts} | near
         beside = [s for s in self.free if s - 1 in busy or s + 1 in busy]
@@ -139,7 +208,22 @@ class LlamaCppScheduler(Scheduler):
             slot = empty[0] if empty else slots[0]
         keep = max(0, min(keeps.get(slot, 0) if reuse else 0, len(ids) - 1))
         self.free.remove(slot)
-        if self.kept.pop(slot, None) is not None:
+        kept = self.kept.pop(slot, None)
+        if kept is not None and self.host is not None and len(kept) - keep >= HOST_MIN_TOKENS:
+            self.host.put(kept, self.model.save(slot))  # what the slot loses stays on the host
+        if reuse and self.host is not None:
+            key, n = self.host.best(ids)
+            n = min(n, len(ids) - 1)
+            if key is not None and n - keep >= HOST_MIN_TOKENS:
+                saved = self.host.use(key)
+                try:
+                    self.model.restore(slot, saved.state)
+                    kept, keep = saved.tokens, n
+                    self.restored_prompt_tokens += n
+                except LlamaCppError:  # the slot is empty now: the prompt is computed whole
+                    logger.warning("could not restore a saved prefix", exc_info=True)
+                    kept, keep = None, 0
+        if kept is not None:
             self.model.truncate(slot, keep)
         self.cached_prompt_tokens += keep
         return slot, keep
@@ -310,6 +394,7 @@ class LlamaCppBackend(SchedulerBackend):
             on_admit=on_admit,
             grammars=self.prompter.grammars,
             prefix_caching=settings.enable_prefix_caching,
+            host_cache_bytes=settings.host_prefix_cache_mb << 20,
         )
 
     def placement(self) -> dict[str, str]:
