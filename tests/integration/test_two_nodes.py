@@ -368,8 +368,14 @@ def test_a_node_that_dies_loses_no_request(cluster: Cluster) -> None:
     answered = tokens(results)
     # Every answer was settled before its last byte left its ingress, so the dead ingress took
     # only unanswered requests with it: the limiter voids their holds once Ray reports the
-    # replica dead, and their replays count once. Billed: exactly what was answered.
+    # replica dead, and HAProxy's replays count once. Billed: what was answered, except in one
+    # window (seen once in several clean CI runs): an answer settled by an ingress that died
+    # before its last byte left, which the SDK then sent again (OpenAI's SDK sends no
+    # idempotency id to recognize it by): at most one extra request per retried send.
     requests, used, held = settled_row(cluster, key_id)
     print(f"hard kill: {len(results)} answered in {sent} sends ({answered} tokens); the limiter")
     print(f"counted {requests} requests, {used} tokens, {held} still held")
-    assert (requests, used, held) == (len(results), answered, 0)
+    retried = sent - len(results)
+    assert held == 0
+    assert len(results) <= requests <= len(results) + retried
+    assert used == answered if requests == len(results) else used > answered
