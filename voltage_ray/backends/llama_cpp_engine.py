@@ -259,7 +259,7 @@ class LlamaCppScheduler(Scheduler):
             self.rows = [r for r, going_on in zip(rows, step.alive, strict=True) if going_on]
             for r, going_on in zip(rows, step.alive, strict=True):
                 if not going_on:
-                    self._release(r.slot, [*r.ticket.prepared.input_ids, *r.fed])
+                    self._release(r.slot, _cells(r))
             step.deliver()
 
     def _score(self, prompt: _Prompt, chunk: Chunk, logits: torch.Tensor) -> None:
@@ -278,7 +278,7 @@ class LlamaCppScheduler(Scheduler):
             return
         self._note_cancelled(gone)
         for r in [r for r in self.rows if r.ticket in gone]:
-            self._release(r.slot, [*r.ticket.prepared.input_ids, *r.fed])
+            self._release(r.slot, _cells(r))
         for p in [p for p in self.prompts if p.ticket in gone]:
             self._release(p.slot, list(p.ticket.prepared.input_ids[: p.done]))
         self.rows = [r for r in self.rows if r.ticket not in gone]
@@ -333,6 +333,11 @@ class LlamaCppScheduler(Scheduler):
             if i:
                 self.model.fork(prompt.slot, row.slot)
         return rows
+
+
+def _cells(row: Row) -> list[int]:
+    """The tokens a row's KV slot holds: its prompt and the answer tokens fed so far."""
+    return [*row.ticket.prepared.input_ids, *row.fed]
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
