@@ -484,6 +484,18 @@ class LimitsConfig(_Strict):
         gt=0,
         description="How long a request waits for an unavailable limiter before a 503.",
     )
+    idempotency_ttl_s: float = Field(
+        default=86400.0,
+        gt=0,
+        description="How long the answer of a request sent with an Idempotency-Key is kept for "
+        "its repeats (answered again, billed once).",
+    )
+    idempotency_max_mb: int = Field(
+        default=64,
+        ge=1,
+        description="Memory for kept answers, in the limiter; past it the oldest go first. An "
+        "answer over a sixteenth of it is not kept (a repeat runs afresh and is billed).",
+    )
     node_resource: str | None = Field(
         default=None,
         description="Custom resource that marks the node holding the database; the limiter "

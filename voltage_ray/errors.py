@@ -89,6 +89,13 @@ class MethodNotAllowed(VoltageError):
     default_message = "Method not allowed"
 
 
+class Conflict(VoltageError):
+    """409: a request with the same Idempotency-Key is still being answered; retry shortly."""
+
+    status = 409
+    default_message = "A request with this Idempotency-Key is in progress"
+
+
 class PayloadTooLarge(VoltageError):
     """413: the request body is larger than the configured limit."""
 

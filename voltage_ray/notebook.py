@@ -19,6 +19,7 @@ router runs on the caller's event loop, and sync calls from outside it fail.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import tempfile
@@ -121,7 +122,7 @@ def start_local(
     plans_file = tmp / "plans.yaml"
     plans_file.write_text(yaml.safe_dump({"plans": {UNLIMITED: {}, **(plans or {})}}))
     config = parse_config({**args, "database": str(tmp / "voltage.db"), "plans": str(plans_file)})
-    port = _free_port()
+    port = free_port()
     app = LocalApp(name, f"http://127.0.0.1:{port}", "", config, tmp)
     # NOTE: before the app starts: a limiter that finds no key creates one and prints it.
     app.key = app.new_key(key_plan, "notebook")
@@ -141,10 +142,38 @@ def start_local(
     return app
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
+_GIVEN: set[int] = set()  # ports this process handed out already
+
+
+def free_port() -> int:
+    """A free local port, below the kernel's range of ephemeral ports when it can.
+
+    A port the kernel picks (``bind(0)``) comes from the ephemeral range, from which Ray's
+    processes take ports for their own connections while the app starts; one took the port
+    before Serve's proxy bound it ("Failed to bind to address", seen once in CI). Ray's worker
+    ports end at 19999, so the ports 20000 up to the ephemeral range are free of both.
+    """
+    low = _ephemeral_low()
+    for port in random.sample(range(20000, low), min(100, max(0, low - 20000))):
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    with socket.socket() as s:  # a custom ephemeral range that leaves no room below it
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; macOS starts at 49152
 
 
 def _wait_healthy(base_url: str, timeout_s: float) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -14,16 +13,12 @@ from typing import Any
 import httpx
 import pytest
 
+from voltage_ray.notebook import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 CACHE_DIR = Path(
     os.environ.get("VOLTAGE_TEST_CACHE", Path(tempfile.gettempdir()) / "voltage_test_cache")
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def small_deployment(**extra: Any) -> dict[str, Any]:

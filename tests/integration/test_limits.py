@@ -8,6 +8,7 @@ limiter, restarting the service.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import socket
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import ray
 
 from tests.integration.conftest import ServedApp, wait_key_live
@@ -270,6 +272,67 @@ def test_settlement_on_client_disconnect(served: ServedApp) -> None:
         # What the abandoned request would have cost: far more than it was billed (nothing).
         whole = c.post(CHAT, headers=served.headers(key), json=plain)
         assert whole.json()["usage"]["completion_tokens"] >= 100, whole.json()["usage"]
+
+
+def test_a_repeat_of_an_idempotency_key_is_answered_and_billed_once(served: ServedApp) -> None:
+    """The OpenAI SDK sends a lost request again with the same headers: with an Idempotency-Key
+    the repeat gets the first answer again (not a new sample) and nothing more is billed."""
+    key = served.new_key("limits_metered")
+    client = openai.OpenAI(base_url=served.base_url + "/v1", api_key=key, max_retries=0)
+    chat = {"model": "tiny-chat", "messages": MESSAGES, "max_tokens": 8, "temperature": 1.0}
+    once = {"Idempotency-Key": "chat-1"}
+    first = client.chat.completions.with_raw_response.create(**chat, extra_headers=once)
+    again = client.chat.completions.with_raw_response.create(**chat, extra_headers=once)
+    assert "idempotent-replayed" not in first.headers
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.parse().model_dump() == first.parse().model_dump()  # same id, text and usage
+    usage = first.parse().usage
+    assert usage is not None
+    billed = settled(key)["limits"]
+    assert billed["requests"]["used"] == 1 and billed["tokens"]["used"] == usage.total_tokens
+
+    # A stream is kept whole and sent again chunk for chunk.
+    streamed = {**chat, "stream": True, "stream_options": {"include_usage": True}}
+    keyed = {"Idempotency-Key": "stream-1"}
+    runs = [list(client.chat.completions.create(**streamed, extra_headers=keyed)) for _ in "ab"]
+    assert [c.model_dump() for c in runs[0]] == [c.model_dump() for c in runs[1]]
+    stream_usage = runs[0][-1].usage
+    assert stream_usage is not None
+    embed = {"model": "all-MiniLM-L6-v2", "input": ["hello world", "foxes"]}
+    keyed = {"Idempotency-Key": "embed-1"}
+    vectors = [client.embeddings.create(**embed, extra_headers=keyed) for _ in "ab"]
+    assert vectors[0].model_dump() == vectors[1].model_dump()
+    assert vectors[0].usage is not None
+    billed = settled(key)["limits"]
+    assert billed["requests"]["used"] == 3
+    assert billed["tokens"]["used"] == (
+        usage.total_tokens + stream_usage.total_tokens + vectors[0].usage.total_tokens
+    )
+
+    with served.client() as c:
+        # The key is the API key's own: another request under it is a 400.
+        other = c.post(CHAT, headers={**served.headers(key), **once}, json=body(3))
+        assert assert_error(other, 400, other.json()["error"])["param"] == "Idempotency-Key"
+        assert "different request" in other.json()["error"]
+        too_long = {**served.headers(key), "Idempotency-Key": "k" * 256}
+        bad = c.post(CHAT, headers=too_long, json=body())
+        assert assert_error(bad, 400, bad.json()["error"])["param"] == "Idempotency-Key"
+        # A repeat sent while the first attempt runs waits for it and takes its answer.
+        long = {"Idempotency-Key": "long-1", **served.headers(key)}
+        plain = body(480, temperature=0)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            started = pool.submit(c.post, CHAT, headers=long, json=plain)
+            wait_for(lambda: report(key)["limits"]["in_flight"]["used"] == 1, every=0.01)
+            with served.client() as other_connection:
+                repeat = other_connection.post(CHAT, headers=long, json=plain)
+            original = started.result()
+    assert original.status_code == repeat.status_code == 200, repeat.text
+    assert repeat.headers["idempotent-replayed"] == "true"
+    assert repeat.json() == original.json()
+    billed = settled(key)["limits"]
+    assert billed["requests"]["used"] == 4  # the two 400s took nothing
+    info = ray.get(limiter().info.remote(), timeout=30)
+    assert info["idempotent"]["replayed"] >= 4
 
 
 def test_usage_command(served: ServedApp) -> None:

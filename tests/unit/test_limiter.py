@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 import ray
 
-from voltage_ray.errors import Forbidden, QuotaExceeded, RateLimited, Unauthorized
+from voltage_ray.errors import BadRequest, Forbidden, QuotaExceeded, RateLimited, Unauthorized
 from voltage_ray.limits import limiter as limiter_mod
+from voltage_ray.limits.idempotency import Answer, Answers, InProgress, Replay, valid_key
 from voltage_ray.limits.keys import KeyStore, parse_key
 from voltage_ray.limits.limiter import Grant, Limiter, Settlement
 
@@ -288,8 +289,8 @@ async def test_holds_of_a_dead_ingress_replica_are_voided(env: tuple[Path, Path]
     alive, doomed = Replica(), Replica()
     await lim.register("alive", alive)
     await lim.register("doomed", doomed)
-    kept = await lim.exchange([], [(key_id, (), 30, 0)], "alive")
-    lost = await lim.exchange([], [(key_id, (), 30, 0), (key_id, (), 20, 1)], "doomed")
+    kept = await lim.exchange([], [(key_id, (), 30, 0, None)], "alive")
+    lost = await lim.exchange([], [(key_id, (), 30, 0, None), (key_id, (), 20, 1, None)], "doomed")
     assert all(isinstance(g, Grant) for g in [*kept, *lost])
     assert await lim.void_dead_owners() == 0  # both answer
     doomed.dead = True
@@ -304,3 +305,99 @@ async def test_holds_of_a_dead_ingress_replica_are_voided(env: tuple[Path, Path]
     assert (await lim.usage(key_id))["limits"]["tokens"]["used"] == 0  # type: ignore[index]
     info = await lim.info()
     assert info["voided"] == 2 and info["owners"] == 1 and info["holds"] == 1
+
+
+ANSWER = Answer(200, (("content-type", "application/json"),), b'{"usage": 7}')
+
+
+async def test_a_repeated_idempotency_key_is_answered_again_and_billed_once(
+    env: tuple[Path, Path],
+) -> None:
+    db, plans = env
+    key_id, _ = new_key(db, "tiny")
+    other_id, _ = new_key(db, "tiny")
+    lim = Limiter(str(db), str(plans))
+    idem = ("k-1", "fingerprint")
+    first = await lim.admit(key_id, (), 30, 0, idem)
+    assert isinstance(first, Grant)
+    assert isinstance(await lim.admit(key_id, (), 30, 0, idem), InProgress)
+    # The same key from another API key is another request.
+    assert isinstance(await lim.admit(other_id, (), 30, 0, idem), Grant)
+    waiting = asyncio.ensure_future(lim.wait_answer(key_id, "k-1", 10.0))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    await lim.settle([dataclasses.replace(settlement(first, tokens=7), answer=ANSWER)])
+    await asyncio.wait_for(waiting, 1.0)  # the waiting repeat is woken at once
+    for _ in range(3):
+        assert await lim.admit(key_id, (), 30, 0, idem) == Replay(ANSWER)
+    refused = await lim.admit(key_id, (), 30, 0, ("k-1", "another body"))
+    assert isinstance(refused, BadRequest) and "different request" in refused.message
+    report = await lim.usage(key_id)
+    assert report is not None
+    assert report["limits"]["requests"]["used"] == 1
+    assert report["limits"]["tokens"] == {"used": 7, "reserved": 0, "limit": 100}
+    info = await lim.info()
+    assert info["idempotent"] == {"entries": 2, "bytes": len(ANSWER.body), "replayed": 3}
+
+
+async def test_a_repeat_runs_afresh_when_its_first_attempt_gave_no_answer(
+    env: tuple[Path, Path],
+) -> None:
+    db, plans = env
+    key_id, _ = new_key(db, "tiny")
+    lim = Limiter(str(db), str(plans))
+    doomed = Replica()
+    await lim.register("doomed", doomed)
+    # The first attempt's ingress dies before answering: its hold is voided, a repeat runs.
+    [lost] = await lim.exchange([], [(key_id, (), 30, 0, ("k-1", "f"))], "doomed")
+    assert isinstance(await lim.admit(key_id, (), 30, 0, ("k-1", "f")), InProgress)
+    doomed.dead = True
+    assert await lim.void_dead_owners() == 1
+    again = await lim.admit(key_id, (), 30, 0, ("k-1", "f"))
+    assert isinstance(again, Grant) and isinstance(lost, Grant)
+    # An error (or an answer cut by its client, delivered without an answer) is not kept.
+    failed = dataclasses.replace(settlement(again), answer=dataclasses.replace(ANSWER, status=500))
+    await lim.settle([failed])
+    third = await lim.admit(key_id, (), 30, 0, ("k-1", "f"))
+    assert isinstance(third, Grant)
+    await lim.settle([settlement(third, tokens=5)])
+    fourth = await lim.admit(key_id, (), 30, 0, ("k-1", "f"))
+    assert isinstance(fourth, Grant)
+    await lim.settle([dataclasses.replace(settlement(fourth, tokens=9), answer=ANSWER)])
+    assert await lim.admit(key_id, (), 30, 0, ("k-1", "f")) == Replay(ANSWER)
+    report = await lim.usage(key_id)
+    assert report is not None  # the voided attempt counts nothing; the others each count
+    assert report["limits"]["requests"]["used"] == 3
+    assert report["limits"]["tokens"]["used"] == 14
+
+
+async def test_replays_pass_the_request_rate(env: tuple[Path, Path]) -> None:
+    db, plans = env
+    key_id, _ = new_key(db, "five")  # 5 requests a minute
+    lim = Limiter(str(db), str(plans))
+    first = await lim.admit(key_id, (), 0, 0, ("k", "f"))
+    assert isinstance(first, Grant)
+    await lim.settle([dataclasses.replace(settlement(first), answer=ANSWER)])
+    replays = [await lim.admit(key_id, (), 0, 0, ("k", "f")) for _ in range(5)]
+    assert replays[:4] == [Replay(ANSWER)] * 4 and isinstance(replays[4], RateLimited)
+    report = await lim.usage(key_id)
+    assert report is not None and report["limits"]["requests"]["used"] == 1
+
+
+def test_kept_answers_are_bounded_by_bytes_and_age() -> None:
+    answers = Answers(ttl_s=10.0, max_bytes=1600)  # answers up to 100 bytes are kept
+    body = Answer(200, (), b"x" * 100)
+    for n in range(20):
+        answers.begin(("key", f"k{n}"), "f", n)
+        answers.finish(n, body, now=float(n))
+    assert answers.bytes == 1600 and len(answers) == 16
+    assert answers.find(("key", "k3"), now=19.0) is None  # the oldest went first
+    assert answers.find(("key", "k4"), now=13.9) is not None
+    assert answers.find(("key", "k4"), now=14.0) is None  # past its age
+    answers.expire(now=30.0)
+    assert answers.bytes == 0 and len(answers) == 0
+    answers.begin(("key", "big"), "f", 99)
+    answers.finish(99, Answer(200, (), b"x" * 101), now=0.0)
+    assert answers.find(("key", "big"), now=0.0) is None  # too large to keep
+    assert valid_key("9b1f-xyz") and not valid_key("") and not valid_key("a b")
+    assert not valid_key("k" * 256)

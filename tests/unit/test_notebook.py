@@ -63,3 +63,16 @@ def test_readme_links_every_notebook() -> None:
     readme = (REPO / "README.md").read_text()
     for path in NOTEBOOKS:
         assert f"(notebooks/{path.name})" in readme, f"README does not link {path.name}"
+
+
+def test_free_ports_lie_below_the_ephemeral_range() -> None:
+    """Ray's processes take ephemeral ports while the app starts; the app's port is not one."""
+    import socket
+
+    from voltage_ray.notebook import _ephemeral_low, free_port
+
+    ports = [free_port() for _ in range(20)]
+    assert len(set(ports)) == 20
+    assert all(20000 <= p < _ephemeral_low() for p in ports)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[0]))  # free indeed

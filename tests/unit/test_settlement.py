@@ -9,6 +9,7 @@ import pytest
 from starlette.types import Message, Receive, Scope, Send
 
 from voltage_ray.ingress.settlement import REQUEST, SettleBeforeLastByte
+from voltage_ray.limits.idempotency import Answer
 
 HTTP: dict[str, Any] = {"type": "http", "path": "/v1/x", "headers": []}
 released: list[str] = []  # places given back, in order
@@ -34,8 +35,9 @@ def app(status: int, chunks: list[bytes], admit: bool = True, fail: bool = False
 async def run(asgi: Any) -> list[Any]:
     events: list[Any] = []
 
-    async def deliver(tickets: list[Any], status: int, wait: bool) -> None:
+    async def deliver(tickets: list[Any], status: int, wait: bool, answer: Any) -> None:
         events.append(("deliver", list(tickets), status, wait))
+        assert answer is None  # no Idempotency-Key
         tickets.clear()  # as the ingress marks them settled
 
     async def send(message: Message) -> None:
@@ -78,8 +80,8 @@ async def test_errors_carry_their_status_and_no_admission_costs_nothing() -> Non
 async def test_a_request_that_ends_without_an_answer_settles_without_waiting() -> None:
     events: list[Any] = []
 
-    async def deliver(tickets: list[Any], status: int, wait: bool) -> None:
-        events.append((list(tickets), status, wait))
+    async def deliver(tickets: list[Any], status: int, wait: bool, answer: Any) -> None:
+        events.append((list(tickets), status, wait, answer))
 
     async def nothing(message: Message) -> None:
         raise AssertionError("nothing is sent")
@@ -89,5 +91,56 @@ async def test_a_request_that_ends_without_an_answer_settles_without_waiting() -
 
     with pytest.raises(asyncio.CancelledError):
         await SettleBeforeLastByte(app(200, [], fail=True), deliver)(dict(HTTP), receive, nothing)
-    assert events == [(["ticket"], 0, False)]
+    assert events == [(["ticket"], 0, False, None)]
     assert REQUEST.get() is None and released[-1] == "m"
+
+
+async def keyed(
+    chunks: list[bytes], body: bytes, status: int = 200, max_bytes: int = 1000
+) -> tuple[Answer | None, str]:
+    """Serve ``chunks`` to a request with an Idempotency-Key and ``body``: the answer delivered
+    with the settlement, and the request's fingerprint."""
+    delivered: list[Answer | None] = []
+    seen: list[str] = []
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        request = REQUEST.get()
+        assert request is not None and request.idempotency_key == "k-1"
+        request.tickets.append("ticket")
+        while (await receive()).get("more_body"):  # the route reads the whole body
+            pass
+        seen.append(request.fingerprint())
+        headers = [(b"content-type", b"text/event-stream"), (b"content-length", b"9")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        for i, chunk in enumerate(chunks):
+            await send(
+                {"type": "http.response.body", "body": chunk, "more_body": i < len(chunks) - 1}
+            )
+
+    async def deliver(tickets: list[Any], status: int, wait: bool, answer: Any) -> None:
+        if wait:
+            delivered.append(answer)
+        tickets.clear()
+
+    parts = [body[:3], body[3:]]
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": parts.pop(0), "more_body": bool(parts)}
+
+    async def send(message: Message) -> None:
+        pass
+
+    scope = {**HTTP, "method": "POST", "headers": [(b"idempotency-key", b"k-1")]}
+    await SettleBeforeLastByte(asgi, deliver, max_answer_bytes=max_bytes)(scope, receive, send)
+    return delivered[0], seen[0]
+
+
+async def test_an_idempotent_request_settles_with_its_whole_answer() -> None:
+    answer, fingerprint = await keyed([b"data: 1\n\n", b"data: [DONE]\n\n", b""], b'{"a": 1}')
+    stream = b"data: 1\n\ndata: [DONE]\n\n"
+    assert answer == Answer(200, (("content-type", "text/event-stream"),), stream)
+    _, same = await keyed([b"{}"], b'{"a": 1}')
+    _, other = await keyed([b"{}"], b'{"a": 2}')
+    assert fingerprint == same != other and len(fingerprint) == 64
+    too_large, _ = await keyed([b"x" * 600, b"y" * 600], b"{}")
+    assert too_large is None  # past max_answer_bytes: not kept

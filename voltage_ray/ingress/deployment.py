@@ -22,6 +22,8 @@ from ray import serve
 
 from voltage_ray.config import AppConfig, EmbeddingSettings, ModelConfig, ModelKind
 from voltage_ray.errors import (
+    BadRequest,
+    Conflict,
     Forbidden,
     NotFound,
     QuotaExceeded,
@@ -35,6 +37,7 @@ from voltage_ray.ingress.coalesce import Coalescer
 from voltage_ray.ingress.services import Ticket
 from voltage_ray.ingress.settlement import REQUEST, SettleBeforeLastByte
 from voltage_ray.limits.client import LimiterClient, get_or_create_limiter
+from voltage_ray.limits.idempotency import Answer, InProgress, Replay, Replayed, valid_key
 from voltage_ray.limits.keyring import Failure, KeyRing
 from voltage_ray.limits.limiter import Principal
 from voltage_ray.limits.throttle import FailureThrottle
@@ -72,7 +75,14 @@ class Ingress:
         self.metrics = IngressMetrics()
         assert self.config.database and self.config.plans
         self.limits = self.config.limits
-        options = self.limits.model_dump(include={"flush_interval_s", "reservation_ttl_s"})
+        options = self.limits.model_dump(
+            include={
+                "flush_interval_s",
+                "reservation_ttl_s",
+                "idempotency_ttl_s",
+                "idempotency_max_mb",
+            }
+        )
         limiter_args = (self.config.database, self.config.plans, options)
         self.limiter = LimiterClient(
             lambda: get_or_create_limiter(*limiter_args, self.limits.node_resource),
@@ -101,7 +111,8 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = create_api(self)
         # NOTE: added last, so outermost: it sees the final status and the body's last byte.
-        app.add_middleware(SettleBeforeLastByte, deliver=self.deliver)
+        kept = self.limits.idempotency_max_mb * 2**20 // 16  # the limiter keeps no larger answer
+        app.add_middleware(SettleBeforeLastByte, deliver=self.deliver, max_answer_bytes=kept)
         return app
 
     async def authenticate(self, request: Request) -> Principal:
@@ -183,20 +194,52 @@ class Ingress:
             return Ticket(principal, endpoint, model, tokens, images)
         config = self.by_name.get(model)
         names = tuple(config.names) if config else (model,)
-        try:
-            grant = await self.limiter.admit(principal.key_id, names, tokens, images)
-        except (RateLimited, QuotaExceeded, Forbidden) as refused:
-            self.metrics.rejections.inc(
-                tags={"reason": rejection_reason(refused), "plan": principal.plan}
-            )
-            raise
-        ticket = Ticket(principal, endpoint, model, tokens, images, grant.headers, grant=grant)
         request = REQUEST.get()
+        idem = None
+        if request is not None and request.idempotency_key is not None and not request.tickets:
+            if not valid_key(request.idempotency_key):
+                raise BadRequest(
+                    "Idempotency-Key must be 1 to 255 visible ASCII characters",
+                    details={"param": "Idempotency-Key"},
+                )
+            idem = (request.idempotency_key, request.fingerprint())
+        waited_s = 0.0
+        while True:
+            try:
+                grant = await self.limiter.admit(principal.key_id, names, tokens, images, idem)
+            except (RateLimited, QuotaExceeded, Forbidden) as refused:
+                self.metrics.rejections.inc(
+                    tags={"reason": rejection_reason(refused), "plan": principal.plan}
+                )
+                raise
+            if not isinstance(grant, InProgress):
+                break
+            assert idem is not None
+            waited_s = await self._wait_answer(principal.key_id, idem[0], waited_s)
+        if isinstance(grant, Replay):  # a repeat of an answered request: its answer again
+            raise Replayed(grant.answer)
+        ticket = Ticket(principal, endpoint, model, tokens, images, grant.headers, grant=grant)
+        ticket.idempotent = idem is not None
         if request is None:
             ticket.in_request = False
         else:
             request.tickets.append(ticket)
         return ticket
+
+    async def _wait_answer(self, key_id: str, key: str, waited_s: float) -> float:
+        """Wait for the running first attempt of an Idempotency-Key (a 409 past the longest
+        a request may run); the seconds waited so far."""
+        limit = self.config.request_limits.chat_timeout_s
+        if waited_s >= limit:
+            raise Conflict(
+                "A request with this Idempotency-Key is still in progress; retry later",
+                details={"param": "Idempotency-Key"},
+                headers={"Retry-After": "1"},
+            )
+        step = min(limit - waited_s, 30.0)
+        started = time.monotonic()
+        await self.limiter.call("wait_answer", key_id, key, step, timeout_s=step + 5.0)
+        return waited_s + time.monotonic() - started
 
     async def settle(self, ticket: Ticket, *, tokens: int = 0, images: int = 0) -> None:
         """Phase two: record what the request used. It reaches the limiter (which releases the
@@ -206,11 +249,14 @@ class Ingress:
         if not ticket.in_request:
             await self.deliver([ticket], 200, wait=False)
 
-    async def deliver(self, tickets: list[Ticket], status: int, wait: bool) -> None:
+    async def deliver(
+        self, tickets: list[Ticket], status: int, wait: bool, answer: Answer | None = None
+    ) -> None:
         """Send the settlements of ``tickets`` not sent yet, for a response of ``status`` (0:
         none was sent): a success or no response bills what was recorded, an error nothing,
         and a 503 gives the request back too. ``wait``: until the limiter has them (at most
-        ``limits.timeout_s``; past it they stay queued, and the response goes on)."""
+        ``limits.timeout_s``; past it they stay queued, and the response goes on). ``answer``:
+        the whole response, kept for repeats of the request's Idempotency-Key."""
         sent: list[asyncio.Future[bool]] = []
         for ticket in tickets:
             if ticket.settled:
@@ -219,7 +265,10 @@ class Ingress:
             if ticket.grant is None:
                 continue
             tokens, images = ticket.used if status < 400 else (0, 0)
-            sent.append(self.limiter.settle(ticket.grant, tokens, images, counted=status != 503))
+            kept = answer if ticket.idempotent else None
+            sent.append(
+                self.limiter.settle(ticket.grant, tokens, images, status != 503, answer=kept)
+            )
         if wait and sent:
             try:
                 await asyncio.wait_for(asyncio.shield(asyncio.gather(*sent)), self.limits.timeout_s)

@@ -14,11 +14,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from voltage_ray.errors import BadRequest, InternalError, VoltageError, unwrap
+from voltage_ray.limits.idempotency import Replayed
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,14 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(VoltageError)
     async def _voltage(request: Request, exc: VoltageError) -> JSONResponse:
         return error_response(exc, request.url.path, request_id(request))
+
+    @app.exception_handler(Replayed)
+    async def _replayed(request: Request, exc: Replayed) -> Response:
+        answer = exc.answer
+        headers = [*answer.headers, ("idempotent-replayed", "true")]
+        response = Response(answer.body, status_code=answer.status)
+        response.raw_headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

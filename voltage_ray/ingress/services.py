@@ -33,6 +33,7 @@ class Ticket:
     grant: Grant | None = None  # None when limits are disabled
     used: tuple[int, int] = (0, 0)  # tokens, images: recorded by Services.settle
     in_request: bool = True  # delivered by SettleBeforeLastByte (else at once by settle)
+    idempotent: bool = False  # admitted with the request's Idempotency-Key
 
 
 class Services(Protocol):

@@ -18,6 +18,11 @@ What is billed follows the status: a success bills what the route recorded
 replica left) gives the request back too. A request that ends without a response (its client
 left) bills what was recorded, without waiting.
 
+A request with an ``Idempotency-Key`` header is fingerprinted (its method, path and body) and its
+response kept whole while it is sent: the settlement carries it to the limiter, which answers a
+repeat of the key with it (``limits/idempotency.py``). So an answer whose last byte was lost,
+with its node or its connection, is sent again when the client retries, and billed once.
+
 The request's places among those a model may hold at once (``Ingress.occupy``) are given back
 when it ends, after its last byte.
 """
@@ -25,12 +30,20 @@ when it ends, after its last byte.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from voltage_ray.limits.idempotency import Answer
+
+# Response headers a kept answer does not repeat (the replay's own framing and id replace them).
+FRAMING = frozenset(
+    {b"content-length", b"transfer-encoding", b"connection", b"date", b"server", b"x-request-id"}
+)
 
 
 @dataclass
@@ -39,21 +52,30 @@ class RequestScope:
 
     tickets: list[Any] = field(default_factory=list)  # admissions, settled before the last byte
     places: dict[str, Callable[[], None]] = field(default_factory=dict)  # model id -> release
+    idempotency_key: str | None = None  # the header's value, as sent
+    digest: Any = None  # sha256 of the method, path and body (with an Idempotency-Key)
+
+    def fingerprint(self) -> str:
+        """The request as read so far (all of it, once its route parsed the body)."""
+        return self.digest.hexdigest() if self.digest is not None else ""
 
 
 # The scope of the HTTP request being served (set per request by the middleware below).
 REQUEST: ContextVar[RequestScope | None] = ContextVar("voltage_request", default=None)
 
-Deliver = Callable[[list[Any], int, bool], Awaitable[None]]
+Deliver = Callable[[list[Any], int, bool, Answer | None], Awaitable[None]]
 
 
 class SettleBeforeLastByte:
-    """``deliver(tickets, status, wait)`` settles the tickets not yet settled for a response of
-    ``status`` (0: none was sent), waiting until the limiter has them when ``wait``."""
+    """``deliver(tickets, status, wait, answer)`` settles the tickets not yet settled for a
+    response of ``status`` (0: none was sent), waiting until the limiter has them when ``wait``;
+    ``answer`` is the whole response of a request with an Idempotency-Key (None: not kept, or
+    more than ``max_answer_bytes``)."""
 
-    def __init__(self, app: ASGIApp, deliver: Deliver) -> None:
+    def __init__(self, app: ASGIApp, deliver: Deliver, max_answer_bytes: int = 4 << 20) -> None:
         self.app = app
         self.deliver = deliver
+        self.max_answer_bytes = max_answer_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -63,21 +85,42 @@ class SettleBeforeLastByte:
         tickets = request.tickets
         token = REQUEST.set(request)
         status = 0
+        kept: list[bytes] | None = None  # the response so far, for an Idempotency-Key
+        size = 0
+        headers: tuple[tuple[str, str], ...] = ()
+        key = dict(scope.get("headers") or []).get(b"idempotency-key")
+        if key is not None:
+            request.idempotency_key = key.decode("latin-1")
+            request.digest = hashlib.sha256(f"{scope['method']} {scope['path']}\n".encode())
+            kept = []
+            receive = hashing(receive, request.digest)
 
         async def settling_send(message: Message) -> None:
-            nonlocal status
+            nonlocal status, kept, headers, size
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-            elif (
-                message["type"] == "http.response.body"
-                and tickets
-                and not message.get("more_body", False)
-            ):
+                if kept is not None:
+                    headers = tuple(
+                        (k.decode("latin-1"), v.decode("latin-1"))
+                        for k, v in message.get("headers", [])
+                        if k.lower() not in FRAMING
+                    )
+            elif message["type"] == "http.response.body":
                 body = message.get("body", b"")
-                if body:  # everything but the last byte goes first
-                    await send({"type": "http.response.body", "body": body[:-1], "more_body": True})
-                    message = {**message, "body": body[-1:]}
-                await self.deliver(tickets, status, True)
+                if kept is not None:
+                    size += len(body)
+                    if size <= self.max_answer_bytes:
+                        kept.append(body)
+                    else:
+                        kept = None
+                if tickets and not message.get("more_body", False):
+                    answer = Answer(status, headers, b"".join(kept)) if kept is not None else None
+                    if body:  # everything but the last byte goes first
+                        await send(
+                            {"type": "http.response.body", "body": body[:-1], "more_body": True}
+                        )
+                        message = {**message, "body": body[-1:]}
+                    await self.deliver(tickets, status, True, answer)
             await send(message)
 
         try:
@@ -85,6 +128,18 @@ class SettleBeforeLastByte:
         finally:
             REQUEST.reset(token)
             if tickets:
-                await asyncio.shield(self.deliver(tickets, status, False))
+                await asyncio.shield(self.deliver(tickets, status, False, None))
             for release in request.places.values():
                 release()
+
+
+def hashing(receive: Receive, digest: Any) -> Receive:
+    """``receive`` that feeds the request body to ``digest`` as the app reads it."""
+
+    async def hashed() -> Message:
+        message = await receive()
+        if message["type"] == "http.request":
+            digest.update(message.get("body", b""))
+        return message
+
+    return hashed

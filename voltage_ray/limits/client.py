@@ -27,8 +27,9 @@ import ray
 
 from voltage_ray.errors import ServiceUnavailable, VoltageError
 from voltage_ray.limits import limiter as limiter_mod
+from voltage_ray.limits.idempotency import Answer, InProgress, Replay
 from voltage_ray.limits.keyring import KeyRing
-from voltage_ray.limits.limiter import Grant, Settlement
+from voltage_ray.limits.limiter import Grant, Idem, Settlement
 
 logger = logging.getLogger(__name__)
 
@@ -100,10 +101,18 @@ class LimiterClient:
 
     # --- admission and settlement ------------------------------------------------------------
 
-    async def admit(self, key_id: str, models: tuple[str, ...], tokens: int, images: int) -> Grant:
-        """Admit through the next exchange; raises the refusal (401/403/429) or a 503."""
+    async def admit(
+        self,
+        key_id: str,
+        models: tuple[str, ...],
+        tokens: int,
+        images: int,
+        idem: Idem | None = None,
+    ) -> Grant | Replay | InProgress:
+        """Admit through the next exchange; raises the refusal (401/403/429) or a 503. With an
+        Idempotency-Key (``idem``), a repeat gets its kept answer or is told to wait."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._admits.append(((key_id, models, tokens, images), future))
+        self._admits.append(((key_id, models, tokens, images, idem), future))
         self._kick(admission=True)
         result = await future
         if isinstance(result, VoltageError):
@@ -111,13 +120,28 @@ class LimiterClient:
         return result
 
     def settle(
-        self, grant: Grant, tokens: int, images: int, counted: bool = True
+        self,
+        grant: Grant,
+        tokens: int,
+        images: int,
+        counted: bool = True,
+        answer: Answer | None = None,
     ) -> asyncio.Future[bool]:
         """Queue a settlement for the next exchange. The future is True once the limiter has
-        it (False if it was given up on); not counted: void, the request is given back too."""
+        it (False if it was given up on); not counted: void, the request is given back too.
+        ``answer``: the response, kept for repeats of the request's Idempotency-Key."""
         g = grant
         used = Settlement(
-            g.ticket, g.epoch, g.key_id, g.period, g.tokens, g.images, tokens, images, counted
+            g.ticket,
+            g.epoch,
+            g.key_id,
+            g.period,
+            g.tokens,
+            g.images,
+            tokens,
+            images,
+            counted,
+            answer,
         )
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._settles.append((used, future))

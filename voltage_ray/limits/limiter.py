@@ -15,7 +15,8 @@ Keys are checked in the ingress replicas, against copies they keep fresh with
 :meth:`key_changes`; an
 admission checks the key again (revoked keys are refused here within 2 s). Each admission records
 the ingress replica that holds it: the holds of a replica Ray reports dead are voided
-(``limits/owners.py``).
+(``limits/owners.py``). Requests sent with an ``Idempotency-Key`` are answered and billed once
+however often they come (``limits/idempotency.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -35,6 +37,7 @@ from typing import Any
 import aiorwlock
 
 from voltage_ray.errors import (
+    BadRequest,
     Forbidden,
     QuotaExceeded,
     RateLimited,
@@ -44,6 +47,7 @@ from voltage_ray.errors import (
 )
 from voltage_ray.limits import quota
 from voltage_ray.limits import usage as usage_db
+from voltage_ray.limits.idempotency import Answer, Answers, InProgress, Replay
 from voltage_ray.limits.keys import KeyRecord, KeyStore, KeyUpdate, connect
 from voltage_ray.limits.owners import Owners
 from voltage_ray.limits.plans import Plan, load_plans
@@ -56,7 +60,12 @@ AUTH_CACHE_TTL_S = 2.0  # revoked keys are refused within this, if no ingress sy
 PLANS_RELOAD_S = 2.0
 OWNER_CHECK_S = 2.0  # how often the ingress replicas holding admissions are asked if alive
 OWNER_PING_TIMEOUT_S = 5.0
-DEFAULT_OPTIONS: dict[str, Any] = {"flush_interval_s": 0.5, "reservation_ttl_s": 1800.0}
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "flush_interval_s": 0.5,
+    "reservation_ttl_s": 1800.0,
+    "idempotency_ttl_s": 86400.0,
+    "idempotency_max_mb": 64,
+}
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,11 @@ class Settlement:
     tokens: int
     images: int
     counted: bool = True  # False: void, the request is given back too (a 503, a lost ingress)
+    answer: Answer | None = None  # the response, kept for repeats of its Idempotency-Key
+
+
+Admitted = Grant | VoltageError | Replay | InProgress
+Idem = tuple[str, str]  # a request's Idempotency-Key and its fingerprint
 
 
 class Limiter:
@@ -131,6 +145,9 @@ class Limiter:
         self.holds: dict[int, tuple[str, quota.Hold, float, str]] = {}  # key, hold, TTL, owner
         self.owners = Owners()
         self.voided = 0  # holds of dead ingress replicas
+        self.answers = Answers(
+            self.options["idempotency_ttl_s"], int(self.options["idempotency_max_mb"] * 2**20)
+        )
         self._orphan_deadlines: dict[tuple[str, str], float] = {}
         self._dirty_usage: set[tuple[str, str]] = set()
         self._dirty_windows: set[str] = set()
@@ -148,6 +165,9 @@ class Limiter:
         async with self.lock.writer_lock:
             self.draining = False  # a new deploy on a cluster whose last service drained
             self.options = {**DEFAULT_OPTIONS, **(options or {})}
+            self.answers.ttl_s = self.options["idempotency_ttl_s"]
+            self.answers.max_bytes = int(self.options["idempotency_max_mb"] * 2**20)
+            self.answers.max_answer_bytes = self.answers.max_bytes // 16
             if db_path != self.db_path:
                 self._flush_sync()
                 self.store.close()
@@ -242,17 +262,25 @@ class Limiter:
     # --- admission and settlement ------------------------------------------------------------
 
     async def admit(
-        self, key_id: str, models: tuple[str, ...], tokens: int, images: int, owner: str = ""
-    ) -> Grant | VoltageError:
+        self,
+        key_id: str,
+        models: tuple[str, ...],
+        tokens: int,
+        images: int,
+        idem: Idem | None = None,
+        owner: str = "",
+    ) -> Admitted:
         """Take a request slot and reserve ``tokens``/``images`` for a live key, or say why not.
 
         Refusals are returned, not raised: a flood of 429s stays cheap (no remote traceback).
+        A request with an Idempotency-Key (``idem``) seen before gets its kept answer
+        (:class:`Replay`) or is told to wait for its first attempt (:class:`InProgress`).
         """
         self.calls["admit"] += 1
         self._start_flusher()
         async with self.lock.writer_lock:
             self._maybe_reload_plans()
-            return self._admit_one(key_id, models, tokens, images, owner)
+            return self._admit_one(key_id, models, tokens, images, idem, owner)
 
     async def settle(self, settlements: list[Settlement]) -> None:
         """Account actual usage and release reservations (a batch; each settles once)."""
@@ -264,9 +292,9 @@ class Limiter:
     async def exchange(
         self,
         settlements: list[Settlement],
-        admissions: list[tuple[str, tuple[str, ...], int, int]],
+        admissions: list[tuple[str, tuple[str, ...], int, int, Idem | None]],
         owner: str = "",
-    ) -> list[Grant | VoltageError]:
+    ) -> list[Admitted]:
         """One round trip for an ingress replica (``owner``): settle a batch, then admit a batch
         in order."""
         self.calls["exchange"] += 1
@@ -277,17 +305,38 @@ class Limiter:
                 self._settle_one(s)
             return [self._admit_one(*a, owner) for a in admissions]
 
+    async def wait_answer(self, key_id: str, key: str, timeout_s: float) -> None:
+        """Return once the running attempt of ``key`` ends (or after ``timeout_s``)."""
+        self.calls["wait_answer"] += 1
+        entry = self.answers.entries.get((key_id, key))
+        if entry is not None and entry.ticket is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(entry.done.wait(), timeout_s)
+
     def _admit_one(
-        self, key_id: str, models: tuple[str, ...], tokens: int, images: int, owner: str = ""
-    ) -> Grant | VoltageError:
+        self,
+        key_id: str,
+        models: tuple[str, ...],
+        tokens: int,
+        images: int,
+        idem: Idem | None = None,
+        owner: str = "",
+    ) -> Admitted:
         # NOTE: called under the write lock and never awaits: each admission is atomic.
-        result = self._decide(key_id, models, tokens, images, owner)
-        self.decided[200 if isinstance(result, Grant) else result.status] += 1
+        result = self._decide(key_id, models, tokens, images, idem, owner)
+        if isinstance(result, Grant | VoltageError):
+            self.decided[200 if isinstance(result, Grant) else result.status] += 1
         return result
 
     def _decide(
-        self, key_id: str, models: tuple[str, ...], tokens: int, images: int, owner: str
-    ) -> Grant | VoltageError:
+        self,
+        key_id: str,
+        models: tuple[str, ...],
+        tokens: int,
+        images: int,
+        idem: Idem | None,
+        owner: str,
+    ) -> Admitted:
         if self.draining:
             return ServiceUnavailable(
                 "The service is shutting down; retry shortly", headers={"Retry-After": "5"}
@@ -304,6 +353,10 @@ class Limiter:
         period, month_end = self._calendar(now)
         state = self._state(key_id, now)
         usage = self._usage(key_id, period)
+        if idem is not None:
+            repeat = self._repeat(key_id, idem, record.plan, plan, state, usage, models, now)
+            if repeat is not None:
+                return repeat
         ask = quota.Ask(tokens, images, models)
         result = quota.admit(record.plan, plan, state, usage, ask, now)
         if isinstance(result, quota.Denial):
@@ -311,6 +364,8 @@ class Limiter:
         ticket = next(self._tickets)
         self.holds[ticket] = (key_id, result, now + self.options["reservation_ttl_s"], owner)
         self.owners.hold(owner, ticket)
+        if idem is not None:
+            self.answers.begin((key_id, idem[0]), idem[1], ticket)
         self._dirty_usage.add((key_id, period))
         if plan.requests_per_minute is not None or plan.tokens_per_minute is not None:
             self._windowed.add(key_id)  # its windows matter after a restart: persist them
@@ -320,12 +375,48 @@ class Limiter:
         headers = quota.headers(plan, state, usage, ask, now, month_end)
         return Grant(ticket, self.epoch, key_id, period, tokens, images, headers)
 
+    def _repeat(
+        self,
+        key_id: str,
+        idem: Idem,
+        plan_name: str,
+        plan: Plan,
+        state: quota.KeyState,
+        usage: quota.Usage,
+        models: tuple[str, ...],
+        now: float,
+    ) -> Admitted | None:
+        """A request whose Idempotency-Key was seen: its answer, a wait, or a 400 (None: new).
+
+        A replay is billed nothing and not counted as a request, but it passes the request
+        rate (and takes a place in it), so a flood of replays meets a 429 like any other."""
+        key, fingerprint = idem
+        entry = self.answers.find((key_id, key), now)
+        if entry is None:
+            return None
+        if entry.fingerprint != fingerprint:
+            return BadRequest(
+                "This Idempotency-Key was used with a different request; use a new key",
+                details={"param": "Idempotency-Key"},
+            )
+        if entry.answer is None:
+            return InProgress()
+        denial = quota.check(plan_name, plan, state, usage, quota.Ask(0, 0, models), now)
+        if denial is not None:
+            return _error(denial, {})
+        if plan.requests_per_minute is not None:
+            state.requests.add(now, 1)
+            self._dirty_windows.add(key_id)
+        self.answers.replayed += 1
+        return Replay(entry.answer)
+
     def _settle_one(self, s: Settlement) -> None:
         if s.epoch == self.epoch:
             entry = self.holds.pop(s.ticket, None)
             if entry is None:  # already settled, voided, or expired and charged in full
                 return
             self._release(s.ticket, entry, s.tokens, s.images, s.counted)
+            self.answers.finish(s.ticket, s.answer, time.time())
         else:  # admitted by an earlier incarnation: release its restored hold
             hold = quota.Hold(s.period, s.reserved_tokens, s.reserved_images)
             usage = self._usage(s.key_id, s.period)
@@ -379,7 +470,9 @@ class Limiter:
             if deadline <= now:
                 del self.holds[ticket]
                 self._release(ticket, entry, hold.tokens, hold.images)
+                self.answers.finish(ticket, None, now)
                 logger.warning("reservation %s of key %s expired unsettled", ticket, key_id)
+        self.answers.expire(now)
         for ident, deadline in list(self._orphan_deadlines.items()):
             if deadline <= now:
                 del self._orphan_deadlines[ident]
@@ -415,6 +508,7 @@ class Limiter:
                 for ticket, entry in entries:
                     if entry is not None:
                         self._release(ticket, entry, 0, 0, counted=False)
+                        self.answers.finish(ticket, None, 0.0)  # a repeat runs afresh
             held = sum(entry is not None for _, entry in entries)
             logger.warning("ingress replica %s died: voided its %d unanswered holds", owner, held)
             voided += held
@@ -518,6 +612,11 @@ class Limiter:
             "holds": len(self.holds),
             "owners": len(self.owners.tickets),
             "voided": self.voided,
+            "idempotent": {
+                "entries": len(self.answers),
+                "bytes": self.answers.bytes,
+                "replayed": self.answers.replayed,
+            },
         }
 
     async def ping(self) -> bool:
