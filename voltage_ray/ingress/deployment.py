@@ -47,7 +47,7 @@ from voltage_ray.protocol.common import set_unknown_fields
 logger = logging.getLogger(__name__)
 
 READY_STATES = frozenset({"HEALTHY", "UPSCALING", "DOWNSCALING"})
-STATUS_REFRESH_S = 2.0  # how often a background task refreshes the view of Serve's state
+STATUS_REFRESH_S = 1.0  # how often a background task refreshes the view of Serve's state
 KEY_MISS_SYNC_S = 0.25  # an unknown key id syncs the keys at most this often
 STATUS_STALE_S = 5.0  # an older view is refreshed before it is used
 ROUTABLE_POLL_S = 0.25  # how often a try waiting for a replica asks Serve again
