@@ -385,7 +385,7 @@ async def test_replays_pass_the_request_rate(env: tuple[Path, Path]) -> None:
 
 
 def test_kept_answers_are_bounded_by_bytes_and_age() -> None:
-    answers = Answers(ttl_s=10.0, max_bytes=1600)  # answers up to 100 bytes are kept
+    answers = Answers(ttl_s=10.0, max_mb=1600 / 2**20)  # 1600 bytes; answers up to 100 kept
     body = Answer(200, (), b"x" * 100)
     for n in range(20):
         answers.begin(("key", f"k{n}"), "f", n)

@@ -37,7 +37,14 @@ from voltage_ray.ingress.coalesce import Coalescer
 from voltage_ray.ingress.services import Ticket
 from voltage_ray.ingress.settlement import REQUEST, SettleBeforeLastByte
 from voltage_ray.limits.client import LimiterClient, get_or_create_limiter
-from voltage_ray.limits.idempotency import Answer, InProgress, Replay, Replayed, valid_key
+from voltage_ray.limits.idempotency import (
+    Answer,
+    InProgress,
+    Replay,
+    Replayed,
+    max_answer_bytes,
+    valid_key,
+)
 from voltage_ray.limits.keyring import Failure, KeyRing
 from voltage_ray.limits.limiter import Principal
 from voltage_ray.limits.throttle import FailureThrottle
@@ -113,7 +120,7 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = create_api(self)
         # NOTE: added last, so outermost: it sees the final status and the body's last byte.
-        kept = self.limits.idempotency_max_mb * 2**20 // 16  # the limiter keeps no larger answer
+        kept = max_answer_bytes(self.limits.idempotency_max_mb)  # the limiter keeps no larger
         app.add_middleware(SettleBeforeLastByte, deliver=self.deliver, max_answer_bytes=kept)
         return app
 

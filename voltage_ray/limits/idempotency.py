@@ -67,20 +67,34 @@ class Entry:
 Ident = tuple[str, str]  # API key id, Idempotency-Key
 
 
+def store_bytes(max_mb: float) -> int:
+    """The bytes of answers a store of ``max_mb`` keeps."""
+    return int(max_mb * 2**20)
+
+
+def max_answer_bytes(max_mb: float) -> int:
+    """The largest answer a store of ``max_mb`` keeps (the ingress stops copying past it)."""
+    return store_bytes(max_mb) // 16
+
+
 class Answers:
     """Entries by (API key id, Idempotency-Key): attempts running and answers kept."""
 
-    def __init__(self, ttl_s: float, max_bytes: int) -> None:
-        self.ttl_s = ttl_s
-        self.max_bytes = max_bytes
-        self.max_answer_bytes = max_bytes // 16
+    def __init__(self, ttl_s: float, max_mb: float) -> None:
         self.bytes = 0
+        self.configure(ttl_s, max_mb)
         self.entries: collections.OrderedDict[Ident, Entry] = collections.OrderedDict()
         self.running: dict[int, Ident] = {}  # ticket -> its entry
         self.replayed = 0
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def configure(self, ttl_s: float, max_mb: float) -> None:
+        """Age and size bounds (answers already kept stay until these push them out)."""
+        self.ttl_s = ttl_s
+        self.max_bytes = store_bytes(max_mb)
+        self.max_answer_bytes = max_answer_bytes(max_mb)
 
     def find(self, ident: Ident, now: float) -> Entry | None:
         entry = self.entries.get(ident)

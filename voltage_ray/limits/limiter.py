@@ -146,7 +146,7 @@ class Limiter:
         self.owners = Owners()
         self.voided = 0  # holds of dead ingress replicas
         self.answers = Answers(
-            self.options["idempotency_ttl_s"], int(self.options["idempotency_max_mb"] * 2**20)
+            self.options["idempotency_ttl_s"], self.options["idempotency_max_mb"]
         )
         self._orphan_deadlines: dict[tuple[str, str], float] = {}
         self._dirty_usage: set[tuple[str, str]] = set()
@@ -165,9 +165,9 @@ class Limiter:
         async with self.lock.writer_lock:
             self.draining = False  # a new deploy on a cluster whose last service drained
             self.options = {**DEFAULT_OPTIONS, **(options or {})}
-            self.answers.ttl_s = self.options["idempotency_ttl_s"]
-            self.answers.max_bytes = int(self.options["idempotency_max_mb"] * 2**20)
-            self.answers.max_answer_bytes = self.answers.max_bytes // 16
+            self.answers.configure(
+                self.options["idempotency_ttl_s"], self.options["idempotency_max_mb"]
+            )
             if db_path != self.db_path:
                 self._flush_sync()
                 self.store.close()
