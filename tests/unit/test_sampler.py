@@ -20,23 +20,20 @@ CACHE = Path(
 )
 
 
-def row(
-    seed: int | None = 0, grammars: Grammars | None = None, vocab: int = 4, **kw: Any
-) -> RowSampling:
+def row(seed: int | None = 0, grammars: Grammars | None = None, **kw: Any) -> RowSampling:
     kw.setdefault("seed", seed)
-    vocab = grammars.vocab_size if grammars is not None else vocab
-    return row_sampling(prepared(**kw), 0, "cpu", grammars, vocab)
+    return row_sampling(prepared(**kw), 0, grammars)
 
 
 def tokens(logits: torch.Tensor, rows: list[RowSampling]) -> list[int]:
-    return [int(t) for t in sample(logits, rows)[0]]
+    return sample(logits, rows)[0]
 
 
 def test_greedy_rows_take_the_argmax_and_penalties_count_generated_tokens() -> None:
     logits = torch.tensor([[0.0, 3.0, 2.5, 0.0], [0.0, 3.0, 2.5, 0.0]])
     rows = [row(temperature=0.0), row(temperature=0.0, frequency_penalty=0.4, presence_penalty=0.2)]
     assert tokens(logits, rows) == [1, 1]  # nothing generated yet: no penalty
-    assert rows[1].counts is not None and rows[1].counts.tolist() == [0, 1, 0, 0]
+    assert rows[1].counts == {1: 1}
     assert tokens(logits, rows) == [1, 2]  # 3.0 - 0.4 - 0.2 < 2.5
     assert rows[0].counts is None  # rows without penalties count nothing
 
@@ -45,10 +42,33 @@ def test_top_p_keeps_the_nucleus_and_falls_back_to_a_full_sort() -> None:
     logits = torch.tensor([[5.0, 0.0, 0.0, 0.0]])  # token 0 holds ~95% of the mass
     for seed in range(20):
         assert tokens(logits, [row(seed, top_p=0.5)]) == [0]
-    # A flat 1000-token vocabulary: the top-256 prefix holds ~26% < top_p, so all is sorted.
+    # A flat 1000-token vocabulary: ties keep vocabulary order, the nucleus is the first 900.
     flat = torch.zeros(1, 1000)
-    picks = {tokens(flat, [row(s, top_p=0.9, vocab=1000)])[0] for s in range(40)}
-    assert len(picks) > 20 and max(picks) < 1000
+    picks = {tokens(flat, [row(s, top_p=0.9)])[0] for s in range(40)}
+    assert len(picks) > 20 and max(picks) < 900
+
+
+def test_sampling_follows_the_distribution_whether_or_not_the_head_covers_top_p() -> None:
+    """Three likely tokens over a tail of 49k unlikely ones (together 45% of the mass, each
+    below the candidates' share): draws follow the nucleus' probabilities when the head covers
+    top_p (0.45), when the tail must be sorted into the nucleus (0.6), and at top_p 1."""
+    vocab, head = 49_152, [7, 3, 11]
+    logits = torch.full((1, vocab), -5.6)
+    logits[0, head] = torch.tensor([5.0, 4.0, 3.0])
+    probs = torch.softmax(logits[0].double(), dim=0)
+    order = torch.argsort(probs, descending=True, stable=True)  # ties: vocabulary order
+    draws = 2000
+    for top_p in (0.45, 0.6, 1.0):
+        picks = torch.tensor([tokens(logits, [row(s, top_p=top_p)])[0] for s in range(draws)])
+        kept = int(((torch.cumsum(probs[order], 0) - probs[order]) < top_p).sum())
+        nucleus = order[:kept]
+        assert set(picks.tolist()) <= set(order[: kept + 2].tolist())  # float32's edge
+        expected = probs[nucleus] / probs[nucleus].sum()
+        shares = [*expected[: min(3, kept)].tolist(), float(expected[min(3, kept) :].sum())]
+        groups = [[t] for t in head[: min(3, kept)]] + [[t for t in range(vocab) if t not in head]]
+        for share, group in zip(shares, groups, strict=True):
+            seen = float(torch.isin(picks, torch.tensor(group)).double().mean())
+            assert abs(seen - share) <= 4 * math.sqrt(share * (1 - share) / draws) + 1e-3
 
 
 def test_a_seeded_row_draws_the_same_token_whatever_shares_its_batch() -> None:
@@ -112,14 +132,19 @@ def grammars() -> Grammars:
 def test_a_constrained_row_only_takes_allowed_tokens_and_leaves_the_others_alone(
     grammars: Grammars,
 ) -> None:
-    schema = {"type": "object", "properties": {"a": {"enum": ["x"]}}, "required": ["a"]}
+    schema = {
+        "type": "object",
+        "properties": {"a": {"enum": ["x"]}},
+        "required": ["a"],
+        "additionalProperties": False,  # one text: the grammar decides every token
+    }
     constraint = Constraint.of("json_schema", schema, "response_format")
     torch.manual_seed(1)
     vocab = grammars.vocab_size
-    free = [row(temperature=0.0, vocab=vocab), row(5, temperature=1.0, vocab=vocab)]
+    free = [row(temperature=0.0), row(5, temperature=1.0)]
     steps = [torch.randn(3, vocab) for _ in range(12)]
     alone = [tokens(s[[0, 2]], free) for s in steps]
-    free = [row(temperature=0.0, vocab=vocab), row(5, temperature=1.0, vocab=vocab)]
+    free = [row(temperature=0.0), row(5, temperature=1.0)]
     constrained = row(3, grammars, temperature=1.0, constraint=constraint, logprobs=2)
     text = b""
     for step, expected in zip(steps, alone, strict=True):

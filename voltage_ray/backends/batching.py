@@ -118,7 +118,6 @@ class BatchScheduler(Scheduler):
         super().__init__(
             decode,
             eos_ids,
-            vocab=int(model.get_output_embeddings().weight.shape[0]),
             max_num_seqs=max_num_seqs,
             max_prefill_tokens=max_prefill_tokens,
             device=model.device,

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import numpy as np
-import torch
 
 from voltage_ray.errors import BadRequest
 
@@ -146,11 +145,10 @@ class RowGrammar:
         self._matcher = matcher
         self.vocab_size = vocab_size
 
-    def allowed(self) -> torch.Tensor:
-        """A bool tensor [vocab]: which tokens may come next (only EOS once the JSON is whole)."""
+    def allowed(self) -> np.ndarray:
+        """A bool array [vocab]: which tokens may come next (only EOS once the JSON is whole)."""
         bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
-        mask = np.unpackbits(bits, bitorder="little")[: self.vocab_size]
-        return torch.from_numpy(mask.astype(bool))
+        return np.unpackbits(bits, bitorder="little")[: self.vocab_size].astype(bool)
 
     def consume(self, token: int) -> None:
         if not self._matcher.consume_token(token):

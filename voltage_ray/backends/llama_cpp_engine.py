@@ -128,7 +128,6 @@ class LlamaCppScheduler(Scheduler):
         super().__init__(
             decode,
             eos_ids,
-            vocab=model.vocab_size,
             max_num_seqs=max_num_seqs,
             max_prefill_tokens=max_prefill_tokens,
             on_step=on_step,
@@ -368,11 +367,11 @@ class LlamaCppBackend(SchedulerBackend):
         on_step: Callable[[int], None] | None = None,
         on_admit: Callable[[float], None] | None = None,
     ) -> None:
-        # NOTE: the sampler's torch ops (a vocabulary-wide row per token) run one at a time on
-        # the scheduler thread; torch's own intra-op threads would spin in OpenMP after each
-        # op, on the very cores llama.cpp's threads need: SmolLM2 decoded a token in 14 ms with
-        # torch's default threads and in 8.8 ms with one (in process, 2 cores; llama-server
-        # takes 8.2). One torch thread for the whole replica process.
+        # NOTE: the sampler works row by row on the scheduler thread (NumPy, and torch for
+        # logprobs); torch's own intra-op threads would spin in OpenMP after each op, on the
+        # very cores llama.cpp's threads need: SmolLM2 decoded a token in 14 ms with torch's
+        # default threads and in 8.8 ms with one (in process, 2 cores; llama-server takes 8.2).
+        # One torch thread for the whole replica process.
         torch.set_num_threads(1)
         self.prompter = Prompter(tokenizer_dir, settings)
         self.prompter.max_choices = settings.max_num_seqs  # one KV slot per choice

@@ -84,7 +84,6 @@ class Scheduler:
         decode: Callable[[list[int]], str],
         eos_ids: frozenset[int],
         *,
-        vocab: int,
         max_num_seqs: int,
         max_prefill_tokens: int,
         device: torch.device | str = "cpu",
@@ -94,7 +93,6 @@ class Scheduler:
     ) -> None:
         self.decode = decode
         self.eos_ids = eos_ids
-        self.vocab = vocab
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
         self.device = device
@@ -230,7 +228,7 @@ class Scheduler:
                 ticket,
                 c,
                 RowDecoder(self.decode, p.stop, p.max_tokens, self.eos_ids),
-                row_sampling(p, c, self.device, self.grammars, self.vocab),
+                row_sampling(p, c, self.grammars),
             )
             for c in range(p.n)
         ]
@@ -261,9 +259,9 @@ class Scheduler:
         """
         tokens, logprobs = sample(logits, [r.sampling for r in rows])
         step = Step()
-        for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
-            row.last = int(token)
-            text = row.decoder.push(int(token))
+        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+            row.last = token
+            text = row.decoder.push(token)
             reason = row.decoder.finish_reason
             scored = _scored(logprobs[i], self.eos_ids)
             if text or reason is not None or scored:
