@@ -72,6 +72,15 @@ def run(s: Scheduler, jobs: list[Prepared]) -> list[tuple[list[str], list[int]]]
     return out
 
 
+def finish(s: Scheduler, job: Prepared) -> Finished:
+    """Run one job; its last item."""
+    sink: queue.Queue[Any] = queue.Queue()
+    s.submit(job, sink.put)
+    while not isinstance(item := sink.get(timeout=60), Finished):
+        assert not isinstance(item, BaseException), item
+    return item
+
+
 def test_seeded_requests_match_alone_and_batched_with_n_and_chunked_prompts(
     backend: SchedulerBackend,
 ) -> None:
@@ -205,8 +214,10 @@ def test_llama_cpp_reuses_kept_prefixes_and_greedy_text_is_the_same_without(
     body = {"model": "m", "messages": turns, "max_tokens": 4, "temperature": 0}
     follow = backend.prompter.prepare(ChatCompletionRequest.model_validate(body))
     before = scheduler.stats()["cached_prompt_tokens"]
-    run(scheduler, [follow])
-    assert scheduler.stats()["cached_prompt_tokens"] - before > first.prompt_tokens
+    done = finish(scheduler, follow)
+    cached = scheduler.stats()["cached_prompt_tokens"] - before
+    assert done.cached_tokens == cached > first.prompt_tokens  # usage's cached_tokens
+    assert finish(scheduler, follow).cached_tokens == follow.prompt_tokens - 1  # all but the last
 
 
 def test_llama_cpp_restores_a_prefix_that_left_its_slot_from_host_memory(

@@ -210,13 +210,15 @@ class BatchScheduler(Scheduler):
         mask = p.mask[:, :end]
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)[:, p.done : end]
         scoring = [i for i, t in enumerate(p.tickets) if t.prepared.prompt_logprobs is not None]
-        out = self.model(
-            input_ids=p.ids[:, p.done : end],
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **{self._cache_arg: p.cache},
-            logits_to_keep=0 if scoring else 1,  # 0: every position's (prompt logprobs)
+        out = self._forward(
+            lambda: self.model(
+                input_ids=p.ids[:, p.done : end],
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **{self._cache_arg: p.cache},
+                logits_to_keep=0 if scoring else 1,  # 0: every position's (prompt logprobs)
+            )
         )
         for i in scoring:
             self._score_chunk(p, i, out.logits[i], end)
@@ -264,12 +266,14 @@ class BatchScheduler(Scheduler):
         positions = b.mask.sum(dim=-1, keepdim=True)
         b.mask = F.pad(b.mask, (0, 1), value=1)
         last = torch.tensor([r.last for r in b.rows], device=self.device)
-        out = self.model(
-            input_ids=last[:, None],
-            attention_mask=b.mask,
-            position_ids=positions,
-            use_cache=True,
-            **{self._cache_arg: b.cache},
+        out = self._forward(
+            lambda: self.model(
+                input_ids=last[:, None],
+                attention_mask=b.mask,
+                position_ids=positions,
+                use_cache=True,
+                **{self._cache_arg: b.cache},
+            )
         )
         self._count_step(len(b))
         self.batch = self._sample(b, out.logits[:, -1, :])

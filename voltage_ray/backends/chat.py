@@ -80,9 +80,11 @@ class PromptScored:
 
 @dataclass(frozen=True)
 class Finished:
-    """The last item of a generation: tokens used by each choice."""
+    """The last item of a generation: tokens used by each choice, and how many prompt tokens
+    the engine took from its prefix cache instead of computing them."""
 
     tokens: list[int]
+    cached_tokens: int = 0
 
 
 @dataclass

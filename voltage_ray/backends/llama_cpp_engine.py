@@ -235,7 +235,7 @@ class LlamaCppScheduler(Scheduler):
         feeding = self._prefill_chunks(chunks)
         if not chunks:
             return
-        logits = torch.from_numpy(self.model.forward(chunks))
+        logits = torch.from_numpy(self._forward(lambda: self.model.forward(chunks)))
         for r in decoding:
             r.fed.append(r.last)
             r.length += 1
@@ -295,6 +295,7 @@ class LlamaCppScheduler(Scheduler):
             p = t.prepared
             reuse = self.prefix_caching and p.prompt_logprobs is None  # scoring needs every row
             slot, keep = self._claim(p.input_ids, reuse)
+            t.cached = keep
             self.prompts.append(_Prompt(t, slot, done=keep))
 
     def _prefill_chunks(self, chunks: list[Chunk]) -> list[_Prompt]:

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -39,6 +39,7 @@ from voltage_ray.backends.sampler import RowSampling, row_sampling, sample
 
 logger = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
 Sink = Callable[[Any], object]  # receives list[StepEvent], then Finished, or an exception
 
 
@@ -53,6 +54,7 @@ class Ticket:
     cancel_step: int = 0  # the scheduler's step count when it was cancelled
     live_rows: int = 0
     used: list[int] = field(default_factory=list)  # tokens of each choice, filled as rows end
+    cached: int = 0  # prompt tokens found in the prefix cache
 
 
 @dataclass(eq=False)
@@ -104,6 +106,10 @@ class Scheduler:
         self.steps = self.prefill_chunks = self.cancelled = 0
         self.max_prefill_chunk = 0  # most prompt tokens in one prefill forward
         self.max_eviction_lag = 0  # most decode steps between a cancel and its rows' eviction
+        # Seconds of the scheduler thread: in steps, and of those in the model's forward calls
+        # (the rest is scheduling, sampling, detokenizing, and waits for the GIL). On a GPU a
+        # forward call returns once its kernels are queued; the sampler's copy waits for them.
+        self.busy_s = self.forward_s = 0.0
         self._wake = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="chat-scheduler", daemon=True)
@@ -143,6 +149,8 @@ class Scheduler:
             "max_prefill_chunk_tokens": self.max_prefill_chunk,
             "max_num_seqs": self.max_num_seqs,
             "max_prefill_tokens": self.max_prefill_tokens,
+            "busy_s": round(self.busy_s, 3),
+            "forward_s": round(self.forward_s, 3),
         }
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
@@ -184,6 +192,7 @@ class Scheduler:
                     self._wake.wait()
                 if self._stop:
                     return
+            start = time.perf_counter()
             try:
                 with torch.inference_mode():
                     self._iteration()
@@ -193,6 +202,16 @@ class Scheduler:
                 self._forget()
                 for t in set(tickets):
                     t.sink(exc)
+            finally:
+                self.busy_s += time.perf_counter() - start
+
+    def _forward(self, call: Callable[[], _T]) -> _T:
+        """``call()``, a forward pass of the model, timed into ``forward_s``."""
+        start = time.perf_counter()
+        try:
+            return call()
+        finally:
+            self.forward_s += time.perf_counter() - start
 
     def _drop_cancelled_waiting(self) -> None:
         with self._wake:
@@ -241,7 +260,7 @@ class Scheduler:
         if p.prompt_logprobs is not None:
             ticket.sink(PromptScored(list(p.input_ids), [None, *scored]))
         if p.max_tokens == 0:
-            ticket.sink(Finished([0] * p.n))
+            ticket.sink(Finished([0] * p.n, ticket.cached))
             return False
         return True
 
@@ -290,7 +309,7 @@ class Step:
         for ticket, evs in self.events.items():
             ticket.sink(evs)
         for ticket in self.finished:
-            ticket.sink(Finished(list(ticket.used)))
+            ticket.sink(Finished(list(ticket.used), ticket.cached))
 
     @property
     def kept(self) -> list[int]:

@@ -197,7 +197,7 @@ class VLLMBackend:
                 if prepared.prompt_logprobs is not None and out.prompt_logprobs is not None:
                     yield prompt_scored(prepared, out.prompt_logprobs)
                     if prepared.max_tokens == 0:
-                        yield Finished([0] * prepared.n)
+                        yield Finished([0] * prepared.n, cached_tokens(out))
                         return  # completed stays False: the finally aborts the one token
                 events = []
                 for o in out.outputs:
@@ -210,7 +210,7 @@ class VLLMBackend:
                     yield events
                 if out.finished:
                     completed = True
-                    yield Finished(list(used))
+                    yield Finished(list(used), cached_tokens(out))
                     return
         except ValueError as exc:  # vLLM's own validation (VLLMValidationError): the request's
             raise BadRequest(f"The vllm engine refused the request: {exc}") from None
@@ -234,3 +234,8 @@ class VLLMBackend:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+
+def cached_tokens(out: Any) -> int:
+    """Prompt tokens vLLM's prefix cache held (``RequestOutput.num_cached_tokens``)."""
+    return int(getattr(out, "num_cached_tokens", None) or 0)

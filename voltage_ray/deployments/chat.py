@@ -35,7 +35,7 @@ from voltage_ray.protocol.chat import (
     completion_id,
     now,
 )
-from voltage_ray.protocol.common import Usage
+from voltage_ray.protocol.common import CompletionUsage
 from voltage_ray.protocol.completions import CompletionChoice, CompletionRequest, CompletionResponse
 
 logger = logging.getLogger(__name__)
@@ -159,10 +159,10 @@ class ChatServer:
     async def chat(self, request: ChatCompletionRequest | dict[str, Any]) -> ChatCompletionResponse:
         req, prepared = await self._prepare(request)
         outputs = self._outputs(req, prepared)
-        completion = 0
+        completion = cached = 0
         async for item in self._events(prepared):
             if isinstance(item, Finished):
-                completion = sum(item.tokens)
+                completion, cached = sum(item.tokens), item.cached_tokens
                 continue
             assert not isinstance(item, PromptScored)  # chat asks for no prompt logprobs
             for ev in item:
@@ -172,11 +172,7 @@ class ChatServer:
             created=now(),
             model=self.config.id,
             choices=[out.choice() for out in outputs],
-            usage=Usage(
-                prompt_tokens=prepared.prompt_tokens,
-                completion_tokens=completion,
-                total_tokens=prepared.prompt_tokens + completion,
-            ),
+            usage=CompletionUsage.of(prepared.prompt_tokens, completion, cached),
         )
 
     async def chat_stream(
@@ -188,14 +184,10 @@ class ChatServer:
         outputs = self._outputs(req, prepared)
         cid, created, model = completion_id(), now(), self.config.id
         row_tokens = [0] * prepared.n
+        cached = 0  # known at the end (the final usage chunk)
 
         def chunk(choices: list[ChunkChoice]) -> ChatCompletionChunk:
-            completion = sum(row_tokens)
-            usage = Usage(
-                prompt_tokens=prepared.prompt_tokens,
-                completion_tokens=completion,
-                total_tokens=prepared.prompt_tokens + completion,
-            )
+            usage = CompletionUsage.of(prepared.prompt_tokens, sum(row_tokens), cached)
             return ChatCompletionChunk(
                 id=cid, created=created, model=model, choices=choices, usage=usage
             )
@@ -204,7 +196,7 @@ class ChatServer:
             yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
         async for item in self._events(prepared):
             if isinstance(item, Finished):
-                row_tokens = list(item.tokens)
+                row_tokens, cached = list(item.tokens), item.cached_tokens
                 yield chunk([])
                 return
             assert not isinstance(item, PromptScored)  # chat asks for no prompt logprobs
@@ -240,8 +232,8 @@ class ChatServer:
     async def complete(self, request: CompletionRequest | dict[str, Any]) -> CompletionResponse:
         req, prepared = await self._prepare_completion(request)
         outputs = self._completion_outputs(req, prepared)
-        used = [0] * len(prepared)
-        async for _ in self._completion_pieces(req, prepared, outputs, used):
+        used, cached = [0] * len(prepared), [0] * len(prepared)
+        async for _ in self._completion_pieces(req, prepared, outputs, used, cached):
             pass
         completion = sum(used)
         prompt = sum(p.prompt_tokens for p in prepared)
@@ -250,9 +242,7 @@ class ChatServer:
             created=now(),
             model=self.config.id,
             choices=[out.choice() for out in outputs],
-            usage=Usage(
-                prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
-            ),
+            usage=CompletionUsage.of(prompt, completion, sum(cached)),
         )
 
     async def complete_stream(
@@ -264,18 +254,15 @@ class ChatServer:
         outputs = self._completion_outputs(req, prepared)
         cid, created, model = completion_id("cmpl"), now(), self.config.id
         prompt = sum(p.prompt_tokens for p in prepared)
-        used = [0] * len(prepared)
+        used, cached = [0] * len(prepared), [0] * len(prepared)
 
         def chunk(choices: list[CompletionChoice]) -> CompletionResponse:
-            completion = sum(used)
-            usage = Usage(
-                prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
-            )
+            usage = CompletionUsage.of(prompt, sum(used), sum(cached))
             return CompletionResponse(
                 id=cid, created=created, model=model, choices=choices, usage=usage
             )
 
-        async for piece in self._completion_pieces(req, prepared, outputs, used):
+        async for piece in self._completion_pieces(req, prepared, outputs, used, cached):
             yield chunk([piece])
         yield chunk([])
 
@@ -298,9 +285,11 @@ class ChatServer:
         prepared: list[Prepared],
         outputs: list[CompletionOutput],
         used: list[int],
+        cached: list[int],
     ) -> AsyncIterator[CompletionChoice]:
         """Every prompt generates at once; the choices' pieces as they come. Choice ``j`` of
-        prompt ``i`` is ``outputs[i * n + j]``; ``used[i]``: prompt ``i``'s tokens so far."""
+        prompt ``i`` is ``outputs[i * n + j]``; ``used[i]``: prompt ``i``'s tokens so far,
+        ``cached[i]``: its prompt tokens the prefix cache held (known when it finishes)."""
         n = req.n
         tokens = [[0] * n for _ in prepared]
         echo_waits_for_scores = req.echo and req.logprobs is not None
@@ -315,7 +304,7 @@ class ChatServer:
                         yield outputs[i * n + j].echo(self._prompt_text(req.prompts[i]), item)
                 continue
             if isinstance(item, Finished):
-                used[i] = sum(item.tokens)
+                used[i], cached[i] = sum(item.tokens), item.cached_tokens
                 for j in range(n):
                     out = outputs[i * n + j]
                     if out.finish_reason is None:  # max_tokens 0: the prompt scored, no tokens

@@ -15,11 +15,11 @@ from pydantic import (
 )
 
 from voltage_ray.protocol.common import (
+    CompletionUsage,
     Metadata,
     RequestModel,
     ResponseModel,
     ServiceTier,
-    Usage,
     require_unicode,
 )
 from voltage_ray.protocol.tools import (
@@ -300,7 +300,7 @@ class ChatCompletionResponse(ResponseModel):
     created: int
     model: str
     choices: list[Choice]
-    usage: Usage
+    usage: CompletionUsage
 
 
 class FunctionDelta(ResponseModel):
@@ -361,7 +361,7 @@ class ChatCompletionChunk(ResponseModel):
     created: int
     model: str
     choices: list[ChunkChoice]
-    usage: Usage | None = None
+    usage: CompletionUsage | None = None
 
 
 def check_stop(v: str | list[str] | None) -> str | list[str] | None:

@@ -106,6 +106,29 @@ class Usage(ResponseModel):
     total_tokens: int = 0
 
 
+class PromptTokensDetails(ResponseModel):
+    """OpenAI's ``usage.prompt_tokens_details``: prompt tokens the engine's prefix cache held
+    (still counted in ``prompt_tokens``, and billed as such)."""
+
+    cached_tokens: int = 0
+
+
+class CompletionUsage(Usage):
+    """The usage of a chat completion or completion: the spec's counts and, as OpenAI's,
+    ``prompt_tokens_details.cached_tokens``."""
+
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+
+    @classmethod
+    def of(cls, prompt: int, completion: int, cached: int = 0) -> CompletionUsage:
+        return cls(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+        )
+
+
 class ModelCard(ResponseModel):
     """One entry of `GET /v1/models`, in OpenAI's shape."""
 

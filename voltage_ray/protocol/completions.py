@@ -11,7 +11,12 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from voltage_ray.protocol.chat import StreamOptions, check_logit_bias, check_stop
-from voltage_ray.protocol.common import RequestModel, ResponseModel, Usage, require_unicode
+from voltage_ray.protocol.common import (
+    CompletionUsage,
+    RequestModel,
+    ResponseModel,
+    require_unicode,
+)
 
 MAX_LOGPROBS = 5
 MAX_PROMPTS = 64  # prompts in one request (OpenAI: no documented limit)
@@ -129,4 +134,4 @@ class CompletionResponse(ResponseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Usage | None = None
+    usage: CompletionUsage | None = None
