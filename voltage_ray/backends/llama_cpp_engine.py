@@ -254,7 +254,8 @@ class LlamaCppScheduler(Scheduler):
             rows += started
             index += [first - 1] * len(started)
         if rows:
-            step = self._advance(rows, logits[index])
+            whole = index == list(range(len(logits)))  # every row of logits, in order
+            step = self._advance(rows, logits if whole else logits[index])
             self.rows = [r for r, going_on in zip(rows, step.alive, strict=True) if going_on]
             for r, going_on in zip(rows, step.alive, strict=True):
                 if not going_on:
