@@ -13,7 +13,7 @@ import torch
 
 from tests.unit.chat_requests import prepared
 from voltage_ray.backends.grammar import Constraint, Grammars
-from voltage_ray.backends.sampler import RowSampling, row_sampling, sample
+from voltage_ray.backends.sampler import RowSampling, _sample_row, row_sampling, sample
 
 CACHE = Path(
     os.environ.get("VOLTAGE_TEST_CACHE", Path(tempfile.gettempdir()) / "voltage_test_cache")
@@ -158,3 +158,16 @@ def test_a_constrained_row_only_takes_allowed_tokens_and_leaves_the_others_alone
         text += grammars.token_bytes(token)
     assert text == b'{"a": "x"}'
     assert constrained.grammar is not None and constrained.grammar.done
+
+
+def test_a_tiny_temperature_is_the_argmax_and_masked_rows_with_top_p_1_stay_in_bounds() -> None:
+    logits = torch.tensor([[0.0, 3.0, 2.99, -1.0]])
+    for temperature in (1e-30, 1e-7):
+        assert {tokens(logits, [row(s, temperature=temperature)])[0] for s in range(20)} == {1}
+    # Only two tokens have mass (a grammar's mask): every draw lands on one of them, even one
+    # that rounding carries past the candidates' cumulative mass (u = 1).
+    two = torch.full((1, 50), -math.inf)
+    two[0, [4, 9]] = torch.tensor([1.0, 1.0])
+    assert {tokens(two, [row(s, temperature=1.0)])[0] for s in range(200)} == {4, 9}
+    assert _sample_row(two[0].numpy(), 1.0, 1.0, 1.0) in (4, 9)
+    assert _sample_row(two[0].numpy(), 1.0, 0.5, 1.0) == 4  # the nucleus: the first of the tie

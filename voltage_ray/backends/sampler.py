@@ -38,6 +38,9 @@ from voltage_ray.backends.grammar import Grammars, RowGrammar
 # most 1 / CANDIDATE_SHARE of them); the rest of the vocabulary only when those fall short.
 CANDIDATE_SHARE = 1e-4
 MIN_LOGPROB = -9999.0  # JSON has no -inf; a token the constraint forbids reports this
+# A smaller temperature counts as this one (dividing by it could overflow float32): sampling
+# is then the argmax, exact ties sharing the draw.
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass(eq=False)
@@ -91,7 +94,7 @@ def row_sampling(p: Prepared, choice: int, grammars: Grammars | None) -> RowSamp
     if p.logit_bias:
         ids = np.fromiter(p.logit_bias, dtype=np.int64, count=len(p.logit_bias))
         bias = (ids, np.array(list(p.logit_bias.values()), dtype=np.float32))
-    counts = {} if p.presence_penalty or p.frequency_penalty else None
+    counts: dict[int, int] | None = {} if p.presence_penalty or p.frequency_penalty else None
     return RowSampling(p, generator, grammar, bias, counts)
 
 
@@ -149,7 +152,7 @@ def _sample_row(x: np.ndarray, temperature: float, top_p: float, u: float) -> in
     ``top_p`` 1, where the order does not change the distribution: the candidates first, the
     rest in vocabulary order)."""
     e = np.subtract(x, x.max())
-    e *= np.float32(1.0 / temperature)
+    e /= np.float32(max(temperature, MIN_TEMPERATURE))  # e: log-probabilities over the max's
     np.exp(e, out=e)
     total = float(e.sum())
     ids = np.flatnonzero(e >= CANDIDATE_SHARE * total)
@@ -168,6 +171,8 @@ def _sample_row(x: np.ndarray, temperature: float, top_p: float, u: float) -> in
             return int(ids[min(int(np.searchsorted(cdf, target, "right")), len(ids) - 1)])
         rest = e.astype(np.float64)
         rest[ids] = 0.0
+        if not rest.any():  # every token with mass is a candidate: u * total rounded past them
+            return int(ids[-1])
         left = np.cumsum(rest)
         j = int(np.searchsorted(left, target - held, "right"))
         return j if j < len(e) and rest[j] > 0 else int(np.flatnonzero(rest)[-1])
