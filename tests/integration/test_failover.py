@@ -186,9 +186,16 @@ def test_every_replica_gone_is_a_503_with_attempts(served: ServedApp, doomed_cop
         for deployment in ("embeddings-minilm-doomed", "embeddings-minilm-backup"):
             wait_for(lambda d=deployment: running(GONE_APP, d) == 0, timeout=60, every=0.2)
         # The ingress's view of Serve catches up within its refresh period (1 s): /health says
-        # so first. (A request sent before that waits in Serve's router for a replica.)
+        # so first, for both models (a 503 alone may name only the one that died first). A
+        # request sent before that waits in Serve's router for a replica (README, Overload).
         health = base + "/v1/health"
-        wait_for(lambda: httpx.get(health, timeout=10).status_code == 503, timeout=30, every=0.2)
+
+        def both_gone() -> bool:
+            r = httpx.get(health, timeout=10)
+            models = r.json()["details"]["models"] if r.status_code == 503 else {}
+            return models == {"minilm-doomed": False, "minilm-backup": False}
+
+        wait_for(both_gone, timeout=30, every=0.2)
 
         r = httpx.post(base + EMBED, json=body, headers=served.headers(), timeout=60)
         assert r.status_code == 503, r.text
