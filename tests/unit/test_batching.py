@@ -63,12 +63,8 @@ def run(s: Scheduler, jobs: list[Prepared]) -> list[tuple[list[str], list[int]]]
         s.submit(job, q.put)
     out = []
     for job, q in zip(jobs, sinks, strict=True):
-        texts = [""] * job.n
-        while not isinstance(item := q.get(timeout=60), Finished):
-            assert not isinstance(item, BaseException), item
-            for ev in item:
-                texts[ev.index] += ev.text
-        out.append((texts, item.tokens))
+        texts, done = drain(q, job.n)
+        out.append((texts, done.tokens))
     return out
 
 
@@ -76,9 +72,17 @@ def finish(s: Scheduler, job: Prepared) -> Finished:
     """Run one job; its last item."""
     sink: queue.Queue[Any] = queue.Queue()
     s.submit(job, sink.put)
-    while not isinstance(item := sink.get(timeout=60), Finished):
+    return drain(sink, job.n)[1]
+
+
+def drain(q: queue.Queue[Any], n: int) -> tuple[list[str], Finished]:
+    """A job's events up to its Finished: the texts of its ``n`` choices, and that item."""
+    texts = [""] * n
+    while not isinstance(item := q.get(timeout=60), Finished):
         assert not isinstance(item, BaseException), item
-    return item
+        for ev in item:
+            texts[ev.index] += ev.text
+    return texts, item
 
 
 def test_seeded_requests_match_alone_and_batched_with_n_and_chunked_prompts(

@@ -26,7 +26,7 @@ only the tokens a row generated; top_p sorts only the tokens holding at least
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -53,23 +53,19 @@ class RowSampling:
     grammar: RowGrammar | None
     bias: tuple[np.ndarray, np.ndarray] | None  # (token ids, values)
     counts: dict[int, int] | None = None
-    _penalty: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     def penalty(self) -> tuple[np.ndarray, np.ndarray]:
         """OpenAI's penalties as (token ids, amounts): frequency x count + presence, for the
         tokens generated so far."""
-        if self._penalty is None:
-            counts, p = self.counts or {}, self.params
-            ids = np.fromiter(counts, dtype=np.int64, count=len(counts))
-            n = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
-            amounts = p.frequency_penalty * n + np.float32(p.presence_penalty)
-            self._penalty = (ids, amounts.astype(np.float32))
-        return self._penalty
+        counts, p = self.counts or {}, self.params
+        ids = np.fromiter(counts, dtype=np.int64, count=len(counts))
+        n = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
+        amounts = p.frequency_penalty * n + np.float32(p.presence_penalty)
+        return ids, amounts.astype(np.float32)
 
     def generated(self, token: int) -> None:
         if self.counts is not None:
             self.counts[token] = self.counts.get(token, 0) + 1
-            self._penalty = None
 
 
 def row_seed(seed: int, choice: int) -> int:
