@@ -131,9 +131,10 @@ class DeploymentOptions(_Strict):
     max_queued_requests: int | None = Field(
         default=None,
         ge=-1,
-        description="Serve's own: requests each caller (an ingress replica) queues for this "
-        "deployment beyond what its replicas take (max_ongoing_requests each); past it a call "
-        "is refused at once, a 503 with Retry-After. -1: unbounded. Default for a model: "
+        description="Requests that may wait for a model beyond what its replicas run: in the "
+        "replicas' fair queues (each takes its share, this over max_replicas; past it, the "
+        "request of the key most over its fair share gives way, a 503 with Retry-After), and "
+        "Serve's own bound on each caller's router queue. -1: unbounded. Default for a model: "
         "QUEUED_BATCHES (4) x its batch (chat max_num_seqs, max_batch_size otherwise) x its "
         "replicas (max_replicas when autoscaling); none for the ingress.",
     )
@@ -219,6 +220,15 @@ class ChatSettings(_Strict):
         description="Rows (choices) decoding at once in a replica's batch; a request's n choices "
         "are n rows. Unless set, the deployment's max_ongoing_requests is twice this and its "
         "autoscaling target_ongoing_requests equals it.",
+    )
+    headroom_rows: int = Field(
+        default=1,
+        ge=0,
+        description="Rows past max_num_seqs that only a request whose API key holds fewer rows "
+        "than its fair share (max_num_seqs over the keys holding or waiting for rows) may take, "
+        "so it starts at once while another key fills the batch; past them, a row of the key "
+        "holding the most is paused for it (its KV cache set aside, resumed later exactly "
+        "where it was). 0: preemption alone. llama_cpp and transformers engines.",
     )
     max_prefill_tokens: int = Field(
         default=256,
@@ -352,7 +362,6 @@ class ModelConfig(_Strict):
                 )
         if self.kind == "chat":
             self.chat = self.chat or ChatSettings()
-            self._chat_capacity_defaults(self.chat.max_num_seqs)
             if self.chat.engine == "vllm":
                 self._check_vllm_share(self.chat)
         if self.kind == "embeddings" and self.embeddings is None:
@@ -360,6 +369,12 @@ class ModelConfig(_Strict):
         if self.kind == "images" and self.images is None:
             self.images = ImageSettings()
         self._queue_default()
+        if self.chat is not None:
+            rows = self.chat.max_num_seqs
+            headroom = 0 if self.chat.engine == "vllm" else self.chat.headroom_rows
+            self._capacity_defaults(rows + headroom, rows)
+        elif self.images is not None:
+            self._capacity_defaults(self.images.max_batch_size, self.images.max_batch_size)
         return self
 
     def _queue_default(self) -> None:
@@ -395,15 +410,33 @@ class ModelConfig(_Strict):
                 f"the replica's GPU share (num_gpus {share})"
             )
 
-    def _chat_capacity_defaults(self, rows: int) -> None:
-        """A chat replica's concurrency follows its batch: requests past max_num_seqs rows wait
-        in the replica (admitted at the next free row), the rest queue in Serve's router."""
+    def _capacity_defaults(self, rows: int, target: int) -> None:
+        """A chat or images replica takes what it runs (``rows``: chat rows, headroom included,
+        or images per call) and its whole share of the queue, plus as many again: so every
+        request reaches a replica, whose fair queue decides who waits and who gives way
+        (``backends/fairness.py``), instead of Serve's router queue, which is first come, first
+        served. Autoscaling aims at ``target`` ongoing requests per replica (chat: its rows)."""
         deployment = self.deployment
         if "max_ongoing_requests" not in deployment.model_fields_set:
-            deployment.max_ongoing_requests = 2 * rows
+            deployment.max_ongoing_requests = 2 * rows + (self.replica_queue or 0)
         scaling = deployment.autoscaling_config
-        if scaling is not None and "target_ongoing_requests" not in scaling.model_fields_set:
-            scaling.target_ongoing_requests = float(rows)
+        if (
+            self.kind == "chat"
+            and scaling is not None
+            and "target_ongoing_requests" not in scaling.model_fields_set
+        ):
+            scaling.target_ongoing_requests = float(target)
+
+    @property
+    def replica_queue(self) -> int | None:
+        """Requests that may wait in one replica's fair queue: max_queued_requests over the
+        replicas it is sized for (max_replicas when autoscaling); None: unbounded."""
+        queued = self.deployment.max_queued_requests
+        if queued is None or queued < 0:
+            return None
+        scaling = self.deployment.autoscaling_config
+        replicas = scaling.max_replicas if scaling is not None else self.deployment.num_replicas
+        return max(1, -(-queued // replicas))
 
     @property
     def names(self) -> list[str]:

@@ -124,6 +124,21 @@ class ServiceUnavailable(VoltageError):
     default_message = "Service temporarily unavailable"
 
 
+class Overloaded(ServiceUnavailable):
+    """503: the model's queue is full for this request's key (it holds its fair share, or gave
+    way to a key under its share); retry shortly. ``details.reason``: ``refused`` or ``shed``."""
+
+    default_message = "The model is at capacity; retry shortly"
+
+    @classmethod
+    def at(cls, model: str, max_queued: int | None, reason: str) -> Overloaded:
+        return cls(
+            f"Model '{model}' is at capacity; retry shortly",
+            details={"model": model, "max_queued_requests": max_queued, "reason": reason},
+            headers={"Retry-After": "1"},
+        )
+
+
 class GatewayTimeout(VoltageError):
     """504: a model call exceeded its deadline."""
 

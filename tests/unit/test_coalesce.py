@@ -179,3 +179,26 @@ async def test_a_deadline_withdraws_the_request() -> None:
     with pytest.raises(GatewayTimeout):
         await within(c.submit(1), 0.05, "Embedding")
     assert handle.calls[0][1].cancelled()
+
+
+async def test_requests_share_a_call_only_with_their_own_group() -> None:
+    """A call is answered when its last request is: a key's request never rides in a call with
+    another key's, whose large requests the replica serves after it."""
+    handle = FakeHandle()
+    c = Coalescer(handle.send, max_in_flight=1, max_wait_s=60, max_weight=100)
+    first = asyncio.create_task(c.submit(1, group="heavy"))
+    await settle()
+    heavy = [asyncio.create_task(c.submit(i, group="heavy")) for i in (2, 3)]
+    light = asyncio.create_task(c.submit(4, group="light"))
+    more = asyncio.create_task(c.submit(5, group="heavy"))
+    await settle()
+    handle.answer(0)
+    await settle()
+    # The waiting ones leave in order, by group: heavy's together, light's in a call of its own.
+    assert [items for items, _ in handle.calls] == [[1], [2, 3, 5]]
+    handle.answer(1)
+    await settle()
+    assert [items for items, _ in handle.calls][2:] == [[4]]
+    handle.answer(2)
+    assert await light == 40
+    assert await asyncio.gather(first, *heavy, more) == [10, 20, 30, 50]

@@ -96,7 +96,10 @@ def test_chat_replica_concurrency_follows_its_batch_unless_set() -> None:
         }
     ).models[0]
     opts = derived.deployment.to_serve()
-    assert opts["max_ongoing_requests"] == 24
+    # Its rows (12, and a headroom row) twice, and its share of the queue (4 x 12 x 3 over 3):
+    # every request reaches a replica, whose fair queue decides who waits.
+    assert derived.replica_queue == 48 and opts["max_queued_requests"] == 144
+    assert opts["max_ongoing_requests"] == 2 * 13 + 48
     assert opts["autoscaling_config"]["target_ongoing_requests"] == 12
     explicit = parse_config(
         {

@@ -1,4 +1,5 @@
-"""The EmbeddingServer's pure parts: the encode loop that merges batches, and batch stats."""
+"""The EmbeddingServer's pure parts: the encode loop that merges batches (fairly between API
+keys, within a bound on the requests waiting), and batch stats."""
 
 from __future__ import annotations
 
@@ -7,7 +8,16 @@ import asyncio
 import numpy as np
 import pytest
 
+from voltage_ray.backends.fairness import Tenant
 from voltage_ray.deployments.embeddings import BatchStats, EncodeLoop
+from voltage_ray.errors import Overloaded
+
+ANY = Tenant("k")
+
+
+def put(loop: EncodeLoop, texts: list[str], tenant: Tenant = ANY) -> asyncio.Future[np.ndarray]:
+    """One request's inputs: a place, then its chunk."""
+    return loop.enqueue(texts, loop.admit(tenant))
 
 
 class SlowEncoder:
@@ -30,9 +40,9 @@ async def test_chunks_waiting_behind_an_encode_are_merged_in_order() -> None:
     enc = SlowEncoder()
     sizes: list[int] = []
     loop = EncodeLoop(enc, max_batch_size=5, on_batch=sizes.append)
-    first = loop.enqueue(["a"])
+    first = put(loop, ["a"])
     await asyncio.sleep(0.05)  # the first encode is now running (and blocked)
-    waiting = [loop.enqueue(["bb", "ccc"]), loop.enqueue(["dddd"]), loop.enqueue(["e" * 5] * 3)]
+    waiting = [put(loop, ["bb", "ccc"]), put(loop, ["dddd"]), put(loop, ["e" * 5] * 3)]
     enc.release.set()
     results = await asyncio.gather(first, *waiting)
     # The three chunks that waited (2 + 1 + 3 inputs) fill batches of at most 5, in order.
@@ -44,15 +54,15 @@ async def test_chunks_waiting_behind_an_encode_are_merged_in_order() -> None:
 async def test_a_full_batch_is_sent_ahead_a_partial_one_waits() -> None:
     enc = SlowEncoder()
     loop = EncodeLoop(enc, max_batch_size=2, on_batch=lambda n: None)
-    first = loop.enqueue(["a"])
+    first = put(loop, ["a"])
     await asyncio.sleep(0.05)
-    partial = loop.enqueue(["b"])
+    partial = put(loop, ["b"])
     await asyncio.sleep(0.05)
     assert enc.calls == [["a"]]  # one input waits: it gathers company while "a" runs
-    full = loop.enqueue(["c"])
+    full = put(loop, ["c"])
     await asyncio.sleep(0.05)
     assert enc.calls == [["a"], ["b", "c"]]  # a full batch goes ahead: two in flight
-    third = loop.enqueue(["d", "e"])
+    third = put(loop, ["d", "e"])
     await asyncio.sleep(0.05)
     assert len(enc.calls) == 2  # never more than two
     enc.release.set()
@@ -64,12 +74,12 @@ async def test_an_encode_error_reaches_every_chunk_of_its_batch() -> None:
     enc = SlowEncoder()
     enc.fail = True
     loop = EncodeLoop(enc, max_batch_size=8, on_batch=lambda n: None)
-    futures = [loop.enqueue(["x"]), loop.enqueue(["y", "z"])]
+    futures = [put(loop, ["x"]), put(loop, ["y", "z"])]
     enc.release.set()
     for outcome in await asyncio.gather(*futures, return_exceptions=True):
         assert isinstance(outcome, RuntimeError)
     enc.fail = False
-    ok = await loop.enqueue(["after"])  # the loop survives a failed batch
+    ok = await put(loop, ["after"])  # the loop survives a failed batch
     assert ok.tolist() == [[5.0]]
 
 
@@ -78,7 +88,7 @@ async def test_max_batch_size_is_read_per_batch() -> None:
     enc.release.set()
     loop = EncodeLoop(enc, max_batch_size=2, on_batch=lambda n: None)
     loop.max_batch_size = 1
-    await asyncio.gather(*(loop.enqueue([t]) for t in "abc"))
+    await asyncio.gather(*(put(loop, [t]) for t in "abc"))
     assert all(len(call) == 1 for call in enc.calls)
 
 
@@ -90,3 +100,52 @@ def test_batch_stats_summary() -> None:
     assert summary["batches"] == 4 and summary["inputs"] == 41
     assert summary["sizes"] == {"1": 1, "4": 2, "32": 1}
     assert summary["recent_mean"] == pytest.approx(41 / 4) and summary["recent_max"] == 32
+
+
+async def test_a_key_with_one_input_goes_before_another_keys_backlog() -> None:
+    enc = SlowEncoder()
+    loop = EncodeLoop(enc, max_batch_size=4, on_batch=lambda n: None)
+    heavy, light = Tenant("heavy"), Tenant("light")
+    first = put(loop, ["h0"], heavy)
+    await asyncio.sleep(0.05)  # heavy's first batch is encoding (and blocked)
+    backlog = [put(loop, [f"h{i}"] * 4, heavy) for i in range(1, 4)]
+    mine = put(loop, ["l"], light)  # arrives last
+    enc.release.set()
+    await asyncio.gather(first, mine, *backlog)
+    # The next batch holds the light key's input, then the heavy key's (fair order, not
+    # arrival order); the light key never waited for the heavy key's backlog.
+    assert enc.calls[1][0] == "l"
+    assert sum("l" in call for call in enc.calls) == 1
+
+
+async def test_a_full_queue_sheds_the_heaviest_keys_newest_request_for_a_key_under_its_share() -> (
+    None
+):
+    enc = SlowEncoder()
+    loop = EncodeLoop(enc, max_batch_size=1, on_batch=lambda n: None, max_queued=3)
+    heavy, light = Tenant("heavy"), Tenant("light")
+    running = put(loop, ["a"], heavy)
+    await asyncio.sleep(0.05)  # started: it no longer counts as waiting
+    waiting = [put(loop, [t], heavy) for t in "bcd"]  # the queue is full
+    with pytest.raises(Overloaded) as refused:
+        loop.admit(heavy)  # heavy holds 4 places, its share is all of them: refused
+    assert refused.value.details["reason"] == "refused"
+    mine = put(loop, ["l"], light)  # light holds none: heavy's newest waiting request gives way
+    enc.release.set()
+    outcomes = await asyncio.gather(running, mine, *waiting, return_exceptions=True)
+    assert isinstance(outcomes[-1], Overloaded) and outcomes[-1].details["reason"] == "shed"
+    assert all(isinstance(o, np.ndarray) for o in outcomes[:-1])
+    assert loop.places.shed == 1 and loop.places.refused == 1
+
+
+async def test_a_higher_priority_newcomer_displaces_a_lower_priority_waiting_request() -> None:
+    enc = SlowEncoder()
+    loop = EncodeLoop(enc, max_batch_size=1, on_batch=lambda n: None, max_queued=1)
+    first = put(loop, ["a"], Tenant("free"))
+    await asyncio.sleep(0.05)
+    low = put(loop, ["b"], Tenant("free"))
+    high = put(loop, ["c"], Tenant("paid", priority=1))
+    enc.release.set()
+    outcomes = await asyncio.gather(first, low, high, return_exceptions=True)
+    assert isinstance(outcomes[1], Overloaded)
+    assert enc.calls == [["a"], ["c"]]

@@ -48,7 +48,9 @@ def test_gpu_profile_asks_fractional_gpus_with_autoscaling() -> None:
     assert chat_args["source"] == {"hub": "Qwen/Qwen2.5-1.5B-Instruct", "revision": None}
     chat = deps["chat-Qwen2.5-1.5B-Instruct"]._deployment_config
     assert chat_args["chat"]["max_num_seqs"] == 32
-    assert chat.max_ongoing_requests == 64 and chat.autoscaling_config.target_ongoing_requests == 32
+    # Its rows twice and its share of the queue (4 x 32): every request reaches a replica.
+    assert chat.max_ongoing_requests == 2 * 32 + 4 * 32
+    assert chat.autoscaling_config.target_ongoing_requests == 32
 
 
 def test_cpu_default_asks_no_gpu() -> None:
@@ -59,7 +61,9 @@ def test_cpu_default_asks_no_gpu() -> None:
     assert sum(d.ray_actor_options["num_cpus"] for d in deps.values()) <= 2
     assert deps["chat-SmolLM2-135M-Instruct"].ray_actor_options["num_cpus"] == 1
     chat = deps["chat-SmolLM2-135M-Instruct"]._deployment_config
-    assert chat.max_ongoing_requests == 16 and chat.autoscaling_config.target_ongoing_requests == 8
+    # 8 rows and a headroom row, twice, and the queue (4 x 8): every request reaches the replica.
+    assert chat.max_ongoing_requests == 2 * 9 + 32
+    assert chat.autoscaling_config.target_ongoing_requests == 8
 
 
 def test_gpu_profile_runs_chat_on_vllm_and_says_when_vllm_is_missing() -> None:

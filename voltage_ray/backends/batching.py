@@ -6,7 +6,9 @@ several iterations and never stalls running streams for longer than one chunk), 
 prefilled rows into the running KV cache and samples their first token, and (3) decodes one token
 for every running row. A row leaves the batch as soon as it finishes; a request's ``n`` choices
 share one prefill whose cache rows are repeated. What is engine-neutral (admission, rows, events,
-sampling) lives in ``backends/scheduler.py``.
+sampling, fairness) lives in ``backends/scheduler.py``. A paused row takes its rows of the cache
+with it (:meth:`Batch.split`) and is merged back when it resumes; left padding and masks make its
+numerics independent of the rows beside it, so it goes on exactly as it would have.
 
 Why not transformers' own ``ContinuousBatchingManager`` (``model.generate_batch`` /
 ``init_continuous_batching``): it samples with one ``GenerationConfig`` for the whole manager, so
@@ -30,6 +32,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from voltage_ray.backends.chat import TokenLogprobs
+from voltage_ray.backends.fairness import Tenant
 from voltage_ray.backends.grammar import Grammars
 from voltage_ray.backends.scheduler import Row, Scheduler, Ticket, score_prompt
 
@@ -59,6 +62,20 @@ class Batch:
             for layer in layers:
                 layer.keys = layer.keys[..., start:, :]
                 layer.values = layer.values[..., start:, :]
+
+    def split(self, i: int, config: Any) -> Batch:
+        """Row ``i`` as a batch of its own (a copy of its cache rows, padding trimmed); this
+        batch keeps the others."""
+        cache = DynamicCache(config=config)
+        layers: list[Any] = list(self.cache.layers)  # DynamicLayers (checked at start)
+        for mine, theirs in zip(list[Any](cache.layers), layers, strict=True):
+            mine.lazy_initialization(theirs.keys, theirs.values)
+            mine.keys = theirs.keys[i : i + 1].clone()
+            mine.values = theirs.values[i : i + 1].clone()
+        alone = Batch([self.rows[i]], cache, self.mask[i : i + 1].clone())
+        alone.select([0])
+        self.select([j for j in range(len(self.rows)) if j != i])
+        return alone
 
     def keep(self, keep: list[int]) -> Batch | None:
         """This batch with only rows ``keep`` (itself when all stay), or None when none does
@@ -112,8 +129,10 @@ class BatchScheduler(Scheduler):
         max_num_seqs: int,
         max_prefill_tokens: int,
         on_step: Callable[[int], None] | None = None,
-        on_admit: Callable[[float], None] | None = None,
+        on_admit: Callable[[float, Tenant], None] | None = None,
         grammars: Grammars | None = None,
+        max_queued: int | None = None,
+        headroom_rows: int = 0,
     ) -> None:
         super().__init__(
             decode,
@@ -124,6 +143,8 @@ class BatchScheduler(Scheduler):
             on_step=on_step,
             on_admit=on_admit,
             grammars=grammars,
+            max_queued=max_queued,
+            headroom_rows=headroom_rows,
         )
         self.model = model
         # transformers 5.x names the forward's cache argument ``cache``; 4.x ``past_key_values``.
@@ -150,6 +171,28 @@ class BatchScheduler(Scheduler):
         held = [r.ticket for r in self.batch.rows] if self.batch else []
         return held + (list(self.prefill.tickets) if self.prefill else [])
 
+    def _running(self) -> list[Row]:
+        return list(self.batch.rows) if self.batch else []
+
+    def _prefilling_tickets(self) -> list[Ticket]:
+        return list(self.prefill.tickets) if self.prefill else []
+
+    def _pause(self, row: Row) -> None:
+        assert self.batch is not None
+        i = self.batch.rows.index(row)
+        if len(self.batch) == 1:
+            row.saved, self.batch = self.batch, None
+        else:
+            row.saved = self.batch.split(i, self.model.config)
+
+    def _resume(self, row: Row) -> bool:
+        saved, row.saved = row.saved, None
+        if self.batch is None:
+            self.batch = saved
+        else:
+            self.batch.merge(saved)
+        return True
+
     def _forget(self) -> None:
         self.batch = self.prefill = None
 
@@ -171,16 +214,13 @@ class BatchScheduler(Scheduler):
             )
 
     def _admit(self) -> _Prefill | None:
-        """Waiting requests, oldest first, within the free rows and the prefill token budget."""
-        running = self._rows_running()
+        """Waiting requests in fair order (``Scheduler._take``) within the prefill token budget."""
 
         def fits(chosen: list[Ticket], t: Ticket) -> bool:
-            if not chosen and not running:  # the first request always goes, chunked when long
+            if not chosen:  # the first request always goes, chunked when long
                 return True
-            rows = running + sum(c.prepared.n for c in chosen) + t.prepared.n
             width = max([t.prepared.prompt_tokens, *(c.prepared.prompt_tokens for c in chosen)])
-            padded = width * (len(chosen) + 1)
-            return rows <= self.max_num_seqs and padded <= self.max_prefill_tokens
+            return width * (len(chosen) + 1) <= self.max_prefill_tokens
 
         chosen = self._take(fits)
         if not chosen:
@@ -199,9 +239,9 @@ class BatchScheduler(Scheduler):
         p = self.prefill
         assert p is not None
         if any(t.cancelled for t in p.tickets):  # restart without them (rare: mid-prefill)
-            self.cancelled += sum(t.cancelled for t in p.tickets)
+            self._note_cancelled({t for t in p.tickets if t.cancelled})
             with self._wake:
-                self.waiting.extendleft(reversed([t for t in p.tickets if not t.cancelled]))
+                self.waiting[:0] = [t for t in p.tickets if not t.cancelled]
             self.prefill = None
             return
         width = p.ids.shape[1]
@@ -282,5 +322,5 @@ class BatchScheduler(Scheduler):
         """Advance every row of ``b`` by one token; the batch of the rows that go on, or None."""
         step = self._advance(b.rows, logits)
         going_on = b.keep(step.kept)  # evicted first: a caller told Finished sees its rows gone
-        step.deliver()
+        self._deliver(step)
         return going_on

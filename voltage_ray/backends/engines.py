@@ -25,6 +25,7 @@ from voltage_ray.backends.chat import (
     PromptScored,
     StepEvent,
 )
+from voltage_ray.backends.fairness import ANONYMOUS, Tenant
 from voltage_ray.backends.scheduler import Scheduler
 from voltage_ray.config import ChatSettings
 
@@ -37,8 +38,10 @@ class ChatBackend(Protocol):
     name: str
     prompter: Prompter
 
-    def stream(self, prepared: Prepared) -> Events:
-        """Step events of one request, then Finished; closing it early cancels the request."""
+    def stream(self, prepared: Prepared, tenant: Tenant = ANONYMOUS) -> Events:
+        """Step events of one request, then Finished; closing it early cancels the request.
+        ``tenant``: whose it is, for fair scheduling between keys (``backends/fairness.py``);
+        :class:`~voltage_ray.errors.Overloaded` when the model's queue holds no place for it."""
         ...
 
     def stats(self) -> dict[str, Any]:
@@ -63,11 +66,11 @@ class SchedulerBackend:
     prompter: Prompter
     scheduler: Scheduler
 
-    async def stream(self, prepared: Prepared) -> Events:
+    async def stream(self, prepared: Prepared, tenant: Tenant = ANONYMOUS) -> Events:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         ticket = self.scheduler.submit(
-            prepared, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)
+            prepared, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item), tenant
         )
         completed = False
         try:
@@ -103,7 +106,8 @@ class TransformersBackend(SchedulerBackend):
         location: str,
         settings: ChatSettings,
         on_step: Callable[[int], None] | None = None,
-        on_admit: Callable[[float], None] | None = None,
+        on_admit: Callable[[float, Tenant], None] | None = None,
+        max_queued: int | None = None,
     ) -> None:
         self.engine = ChatEngine(location, settings)
         self.prompter = self.engine
@@ -116,6 +120,8 @@ class TransformersBackend(SchedulerBackend):
             on_step=on_step,
             on_admit=on_admit,
             grammars=self.engine.grammars,
+            max_queued=max_queued,
+            headroom_rows=settings.headroom_rows,
         )
 
     def placement(self) -> dict[str, str]:

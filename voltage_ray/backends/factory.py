@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from voltage_ray.backends.engines import ChatBackend, TransformersBackend
+from voltage_ray.backends.fairness import Tenant
 from voltage_ray.backends.sources import gguf_file, materialize, materialize_tokenizer
 from voltage_ray.config import GGUFSource, ModelConfig
 
@@ -48,14 +49,16 @@ def build_backend(
     model: ModelConfig,
     cache_dir: Path,
     on_step: Callable[[int], None] | None = None,
-    on_admit: Callable[[float], None] | None = None,
+    on_admit: Callable[[float, Tenant], None] | None = None,
 ) -> ChatBackend:
     """The engine for ``model``, loaded. ``on_step`` hears each decode step's batch size and
-    ``on_admit`` each request's wait for a row (voltage_ray's schedulers; vLLM reports both in
-    its own metrics)."""
+    ``on_admit`` each request's wait for a row and its tenant (voltage_ray's schedulers; vLLM
+    reports both in its own metrics). The replica's share of the model's
+    ``max_queued_requests`` bounds the requests waiting in it (``ModelConfig.replica_queue``)."""
     settings = model.chat
     assert settings is not None
     options = model.deployment.ray_actor_options
+    max_queued = model.replica_queue
     engine = engine_for(model)
     if engine == "llama_cpp":
         from voltage_ray.backends.llama_cpp_engine import LlamaCppBackend
@@ -63,10 +66,12 @@ def build_backend(
         assert isinstance(model.source, GGUFSource)
         tokenizer = materialize_tokenizer(model.source, cache_dir)
         path = str(gguf_file(model.source))
-        return LlamaCppBackend(path, tokenizer, settings, options.num_cpus, on_step, on_admit)
+        return LlamaCppBackend(
+            path, tokenizer, settings, options.num_cpus, on_step, on_admit, max_queued
+        )
     location = materialize(model.source, cache_dir)
     if engine == "vllm":
         from voltage_ray.backends.vllm_engine import VLLMBackend
 
         return VLLMBackend(location, settings, options.num_gpus)
-    return TransformersBackend(location, settings, on_step, on_admit)
+    return TransformersBackend(location, settings, on_step, on_admit, max_queued)

@@ -25,6 +25,7 @@ from voltage_ray.backends.chat import (
     TokenLogprobs,
 )
 from voltage_ray.backends.engines import Events
+from voltage_ray.backends.fairness import ANONYMOUS, Tenant
 from voltage_ray.config import ChatSettings
 from voltage_ray.errors import BadRequest
 
@@ -132,6 +133,8 @@ def engine_kwargs(location: str, settings: ChatSettings, num_gpus: float) -> dic
         "enable_prefix_caching": settings.enable_prefix_caching,
         "max_num_seqs": settings.max_num_seqs,
         "disable_log_stats": True,
+        # A plan's priority (higher first) goes to vLLM as its request priority (lower first).
+        "scheduling_policy": "priority",
     }
 
 
@@ -173,7 +176,7 @@ class VLLMBackend:
         self.dtype = str(self.engine.model_config.dtype).removeprefix("torch.")
         self.rows = self.requests = 0
 
-    async def stream(self, prepared: Prepared) -> Events:
+    async def stream(self, prepared: Prepared, tenant: Tenant = ANONYMOUS) -> Events:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -190,7 +193,7 @@ class VLLMBackend:
         self.rows += prepared.n
         self.requests += 1
         prompt = TokensPrompt(prompt_token_ids=prepared.input_ids)
-        outputs = self.engine.generate(prompt, params, request_id)
+        outputs = self.engine.generate(prompt, params, request_id, priority=-tenant.priority)
         k, eos = prepared.logprobs, self.prompter.eos_ids
         try:
             async for out in outputs:

@@ -7,6 +7,11 @@ same for legacy text completions (:class:`CompletionResponse`: raw prompts, no c
 template). The engine (``chat.engine`` in the config: llama.cpp or transformers continuous
 batching on CPU, vLLM on GPU) batches all requests of a replica; cancelling the caller (client
 disconnect, deadline) cancels its request in the engine.
+
+Every method takes the request's ``tenant`` (``backends/fairness.py``; the ingress passes the
+API key's, handle callers may leave it out): the engine shares its rows and queue fairly between
+keys, and a request that finds no place in the queue raises :class:`Overloaded` (a 503) before
+its first item, so a stream sends nothing until its first token.
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ from ray.util import metrics
 
 from voltage_ray.backends.chat import Finished, Prepared, PromptScored, StepEvent
 from voltage_ray.backends.factory import build_backend
+from voltage_ray.backends.fairness import Tenant
 from voltage_ray.config import ModelConfig
 from voltage_ray.deployments.chat_output import ChoiceOutput, tool_parser
 from voltage_ray.deployments.completion_output import CompletionOutput, merge
+from voltage_ray.deployments.logs import quiet_refusals
+from voltage_ray.errors import Overloaded
 from voltage_ray.metrics import ReplicaMetrics
 from voltage_ray.protocol.chat import (
     ChatCompletionChunk,
@@ -41,12 +49,14 @@ from voltage_ray.protocol.completions import CompletionChoice, CompletionRequest
 logger = logging.getLogger(__name__)
 
 EXPORT_PERIOD_S = 1.0
+TenantArg = Tenant | dict[str, Any] | None
 
 
 class ChatServer:
     """Serves one chat model. Undecorated: the builder binds it with its deployment options."""
 
     def __init__(self, model: ModelConfig | dict[str, Any], cache_dir: str) -> None:
+        quiet_refusals()
         self.config = ModelConfig.model_validate(model)
         settings = self.config.chat
         assert settings is not None
@@ -60,8 +70,18 @@ class ChatServer:
             description="Requests waiting for rows (or prefilling).",
             tag_keys=("model",),
         )
+        self._preemptions = metrics.Counter(
+            "voltage_preemptions",
+            description="Chat rows paused for a request of a key under its fair share (or of "
+            "a higher priority), their KV cache set aside until they resume.",
+            tag_keys=("model",),
+        )
+        self._preempted = 0  # preemptions exported so far
         self.backend = build_backend(
-            self.config, Path(cache_dir), on_step=self._on_step, on_admit=self.metrics.waited
+            self.config,
+            Path(cache_dir),
+            on_step=self._on_step,
+            on_admit=lambda seconds, tenant: self.metrics.waited(seconds, tenant.plan),
         )
         self.prompter = self.backend.prompter
         self._stats = {"generations": 0, "cancelled": 0, "active": 0}
@@ -97,6 +117,10 @@ class ChatServer:
         self._running.set(state["running"], tags=tags)
         if "waiting" in state:
             self._waiting.set(state["waiting"], tags=tags)
+        preempted = state.get("preemptions", 0)
+        if preempted > self._preempted:
+            self._preemptions.inc(preempted - self._preempted, tags=tags)
+            self._preempted = preempted
 
     async def info(self) -> dict[str, Any]:
         """The model, its engine and where its weights live, request counters and the engine's
@@ -136,10 +160,11 @@ class ChatServer:
         ]
 
     async def _events(
-        self, prepared: Prepared
+        self, prepared: Prepared, tenant: TenantArg
     ) -> AsyncIterator[list[StepEvent] | PromptScored | Finished]:
-        """The engine's events for one request, with the replica's counters."""
-        events = self.backend.stream(prepared)
+        """The engine's events for one request, with the replica's counters; Overloaded (503,
+        naming this model) when its queue holds no place for the request."""
+        events = self.backend.stream(prepared, Tenant.of(tenant))
         self._stats["generations"] += 1
         self._stats["active"] += 1
         completed = False
@@ -149,6 +174,10 @@ class ChatServer:
                 yield item
                 if completed:
                     return
+        except Overloaded as exc:
+            queued = self.config.deployment.max_queued_requests
+            reason = str(exc.details.get("reason", "refused"))
+            raise Overloaded.at(self.config.id, queued, reason) from None
         finally:
             self._stats["active"] -= 1
             if not completed:
@@ -156,11 +185,13 @@ class ChatServer:
             await events.aclose()  # cancels the request in the engine when it did not finish
             self._export(self.backend.stats())
 
-    async def chat(self, request: ChatCompletionRequest | dict[str, Any]) -> ChatCompletionResponse:
+    async def chat(
+        self, request: ChatCompletionRequest | dict[str, Any], tenant: TenantArg = None
+    ) -> ChatCompletionResponse:
         req, prepared = await self._prepare(request)
         outputs = self._outputs(req, prepared)
         completion = cached = 0
-        async for item in self._events(prepared):
+        async for item in self._events(prepared, tenant):
             if isinstance(item, Finished):
                 completion, cached = sum(item.tokens), item.cached_tokens
                 continue
@@ -176,10 +207,11 @@ class ChatServer:
         )
 
     async def chat_stream(
-        self, request: ChatCompletionRequest | dict[str, Any]
+        self, request: ChatCompletionRequest | dict[str, Any], tenant: TenantArg = None
     ) -> AsyncIterator[ChatCompletionChunk]:
-        """Chunks of one completion. Every chunk carries the usage so far (callers that follow
-        OpenAI's format strip it); the last chunk has no choices and the final usage."""
+        """Chunks of one completion, from the first token on (the role chunks come with it).
+        Every chunk carries the usage so far (callers that follow OpenAI's format strip it); the
+        last chunk has no choices and the final usage."""
         req, prepared = await self._prepare(request)  # a BadRequest here precedes the first chunk
         outputs = self._outputs(req, prepared)
         cid, created, model = completion_id(), now(), self.config.id
@@ -192,9 +224,12 @@ class ChatServer:
                 id=cid, created=created, model=model, choices=choices, usage=usage
             )
 
-        for i in range(prepared.n):
-            yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
-        async for item in self._events(prepared):
+        started = False
+        async for item in self._events(prepared, tenant):
+            if not started:  # a request refused or shed has sent nothing: a 503, not a stream
+                started = True
+                for i in range(prepared.n):
+                    yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
             if isinstance(item, Finished):
                 row_tokens, cached = list(item.tokens), item.cached_tokens
                 yield chunk([])
@@ -229,11 +264,13 @@ class ChatServer:
 
         return req, await asyncio.to_thread(prepare)
 
-    async def complete(self, request: CompletionRequest | dict[str, Any]) -> CompletionResponse:
+    async def complete(
+        self, request: CompletionRequest | dict[str, Any], tenant: TenantArg = None
+    ) -> CompletionResponse:
         req, prepared = await self._prepare_completion(request)
         outputs = self._completion_outputs(req, prepared)
         used, cached = [0] * len(prepared), [0] * len(prepared)
-        async for _ in self._completion_pieces(req, prepared, outputs, used, cached):
+        async for _ in self._completion_pieces(req, prepared, outputs, used, cached, tenant):
             pass
         completion = sum(used)
         prompt = sum(p.prompt_tokens for p in prepared)
@@ -246,7 +283,7 @@ class ChatServer:
         )
 
     async def complete_stream(
-        self, request: CompletionRequest | dict[str, Any]
+        self, request: CompletionRequest | dict[str, Any], tenant: TenantArg = None
     ) -> AsyncIterator[CompletionResponse]:
         """Chunks of a completions request, each with the usage so far; the last has no
         choices and the final usage (as :meth:`chat_stream`)."""
@@ -262,7 +299,7 @@ class ChatServer:
                 id=cid, created=created, model=model, choices=choices, usage=usage
             )
 
-        async for piece in self._completion_pieces(req, prepared, outputs, used, cached):
+        async for piece in self._completion_pieces(req, prepared, outputs, used, cached, tenant):
             yield chunk([piece])
         yield chunk([])
 
@@ -286,18 +323,22 @@ class ChatServer:
         outputs: list[CompletionOutput],
         used: list[int],
         cached: list[int],
+        tenant: TenantArg,
     ) -> AsyncIterator[CompletionChoice]:
-        """Every prompt generates at once; the choices' pieces as they come. Choice ``j`` of
+        """Every prompt generates at once; the choices' pieces as they come (echoed prompts
+        with the first item: nothing before the engine took the request). Choice ``j`` of
         prompt ``i`` is ``outputs[i * n + j]``; ``used[i]``: prompt ``i``'s tokens so far,
         ``cached[i]``: its prompt tokens the prefix cache held (known when it finishes)."""
         n = req.n
         tokens = [[0] * n for _ in prepared]
         echo_waits_for_scores = req.echo and req.logprobs is not None
-        if req.echo and not echo_waits_for_scores:
-            for i, prompt in enumerate(req.prompts):
-                for j in range(n):
-                    yield outputs[i * n + j].echo(self._prompt_text(prompt), None)
-        async for i, item in merge([self._events(p) for p in prepared]):
+        echo_first = req.echo and not echo_waits_for_scores
+        async for i, item in merge([self._events(p, tenant) for p in prepared]):
+            if echo_first:
+                echo_first = False
+                for k, prompt in enumerate(req.prompts):
+                    for j in range(n):
+                        yield outputs[k * n + j].echo(self._prompt_text(prompt), None)
             if isinstance(item, PromptScored):
                 if echo_waits_for_scores:
                     for j in range(n):

@@ -8,6 +8,12 @@ same bucket (size, steps, guidance) that fits in ``max_pixels_per_call``, whiche
 in. Other buckets wait their turn in arrival order, so none starves. At low load a call holds what
 arrived in one batch wait; under load, what arrived during the previous call.
 
+Fairness between API keys (``backends/fairness.py``): the call's first job is the one of the
+highest priority, then of the key served the fewest images lately, then the oldest, and
+compatible jobs join in that order; at most ``max_queued_requests`` jobs wait unstarted, and a
+newcomer whose key is under its fair share displaces the newest waiting job of the key most over
+it (a 503, ``Overloaded``), else it is refused.
+
 A caller that goes away (client disconnect) is dropped: before its call starts it is skipped;
 during its call its images leave the batch at the next denoising step (with a DDIM or Euler
 scheduler; with others the call runs on for the rest), and a call whose callers all left stops
@@ -28,6 +34,7 @@ from typing import Any
 
 from ray import serve
 
+from voltage_ray.backends.fairness import Place, Places, Served, Tenant, rank
 from voltage_ray.backends.images import (
     Bucket,
     ImageEngine,
@@ -38,6 +45,8 @@ from voltage_ray.backends.images import (
 )
 from voltage_ray.backends.sources import materialize
 from voltage_ray.config import ImageSettings, ModelConfig
+from voltage_ray.deployments.logs import quiet_refusals
+from voltage_ray.errors import Overloaded
 from voltage_ray.metrics import ReplicaMetrics
 from voltage_ray.protocol.images import ImageGenerationRequest
 
@@ -48,6 +57,7 @@ LOAD_TIME_SETTINGS = ("dtype", "scheduler")
 RECENT_CALLS = 200
 
 Outcome = list[bytes] | None  # a job's images; None once its caller went away
+SHED = Overloaded(details={"reason": "shed"})  # a job that gave way to a fairer one
 
 
 def describe(jobs: Sequence[Job]) -> dict[str, Any]:
@@ -103,12 +113,17 @@ class GroupLoop:
         max_pixels: int,
         stats: ImageStats,
         metrics: ReplicaMetrics | None = None,
+        max_queued: int | None = None,
+        max_batch_size: int = 1,
     ) -> None:
         self.run = run
         self.max_pixels = max_pixels
         self.stats = stats
         self.metrics = metrics
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self.places = Places(max_queued, max_batch_size)
+        self._place_of: dict[Job, Place] = {}
+        self._served = Served()  # images per key lately
         self._pending: list[tuple[Job, asyncio.Future[Outcome]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -119,10 +134,32 @@ class GroupLoop:
         """Jobs waiting for a call whose callers are still there."""
         return sum(1 for job, _ in self._pending if not job.cancel.is_set())
 
+    def admit(self, job: Job, tenant: Tenant) -> None:
+        """A place for ``job``; :class:`Overloaded` when the queue is full and ``tenant`` holds
+        its share (a waiting job of a key over its share may give way instead: it fails with
+        Overloaded)."""
+        place, shed = self.places.admit(tenant)
+        self._place_of[job] = place
+        if shed is not None:
+            for item in [i for i in self._pending if self._place_of.get(i[0]) is shed]:
+                self._pending.remove(item)
+                item[1].set_exception(SHED)
+
+    def leave(self, job: Job) -> None:
+        """The job was answered (or failed): its place is free."""
+        place = self._place_of.pop(job, None)
+        if place is not None:
+            self.places.leave(place)
+        self._served.forget(self.places.keys())
+
     def enqueue(self, job: Job) -> asyncio.Future[Outcome]:
         """A future of ``job``'s images, generated in a call with the jobs it is compatible with."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outcome] = loop.create_future()
+        place = self._place_of.get(job)
+        if place is not None and place.shed:
+            future.set_exception(SHED)
+            return future
         self._pending.append((job, future))
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._run())
@@ -130,15 +167,29 @@ class GroupLoop:
         return future
 
     def _take(self) -> list[tuple[Job, asyncio.Future[Outcome]]]:
+        """The next call's jobs: the fairest job first (``backends/fairness.py``), then jobs of
+        its bucket in that order while their pixels fit."""
         for job, future in self._pending:
             if job.cancel.is_set() and not future.done():
                 future.set_result(None)
-        group = {id(job) for job in take_group([job for job, _ in self._pending], self.max_pixels)}
+        fair = sorted((job for job, _ in self._pending), key=self._rank)
+        group = {id(job) for job in take_group(fair, self.max_pixels)}
         taken = [item for item in self._pending if id(item[0]) in group]
         self._pending = [
             item for item in self._pending if id(item[0]) not in group and not item[1].done()
         ]
+        for job, _ in taken:
+            place = self._place_of.get(job)
+            if place is not None:
+                place.started = True
+                self._served.charge(place.tenant.key, job.n)
         return taken
+
+    def _rank(self, job: Job) -> tuple[int, int, float, int]:
+        place = self._place_of.get(job)
+        if place is None:  # a job enqueued without a place (direct callers of the loop)
+            return rank(Tenant(), 0, 0.0, 0)
+        return rank(place.tenant, 0, self._served.of(place.tenant.key), place.seq)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -151,7 +202,8 @@ class GroupLoop:
                 if self.metrics is not None:
                     now = time.monotonic()
                     for job in jobs:
-                        self.metrics.waited(now - job.created)
+                        place = self._place_of.get(job)
+                        self.metrics.waited(now - job.created, place.tenant.plan if place else "")
                     self.metrics.batch(sum(job.n for job in jobs))
                 self.running = describe(jobs)
                 try:
@@ -175,6 +227,7 @@ class ImageServer:
     ``generate`` and ``stats`` are also called directly through its handle."""
 
     def __init__(self, model: ModelConfig | dict[str, Any], cache_dir: str) -> None:
+        quiet_refusals()
         self.config = ModelConfig.model_validate(model)
         assert self.config.images is not None
         self.base_settings = self.config.images
@@ -187,6 +240,8 @@ class ImageServer:
             self.settings.max_pixels_per_call,
             self.counters,
             ReplicaMetrics(self.config.id, "images"),
+            max_queued=self.config.replica_queue,
+            max_batch_size=self.settings.max_batch_size,
         )
         self._apply(self.settings)
         logger.info("images model %s ready: %s", self.config.id, self.engine.info())
@@ -236,20 +291,32 @@ class ImageServer:
         return [self.loop.enqueue(job) for job in jobs]
 
     async def generate(
-        self, request: ImageGenerationRequest | dict[str, Any], output_format: OutputFormat = "png"
+        self,
+        request: ImageGenerationRequest | dict[str, Any],
+        output_format: OutputFormat = "png",
+        tenant: Tenant | dict[str, Any] | None = None,
     ) -> list[bytes]:
-        """The request's ``n`` images, encoded as PNG (or JPEG), exactly the requested size."""
+        """The request's ``n`` images, encoded as PNG (or JPEG), exactly the requested size;
+        Overloaded (503) when the queue holds no place for ``tenant`` (the API key's, for fair
+        batching; handle callers may leave it out)."""
         req = ImageGenerationRequest.model_validate(request)
         bucket = Bucket(req.width, req.height, req.num_inference_steps, req.guidance_scale)
         job = Job(req.prompt, bucket, image_seeds(req.seed, req.n), output_format)
         self.counters.requests += 1
+        queued = self.config.deployment.max_queued_requests
         try:
+            self.loop.admit(job, Tenant.of(tenant))
             future = await self._submit(job)
             images = await future
+        except Overloaded as exc:
+            reason = str(exc.details.get("reason"))
+            raise Overloaded.at(self.config.id, queued, reason) from None
         except asyncio.CancelledError:  # the caller went away: drop the job wherever it is
             job.cancel.set()
             self.counters.cancelled += 1
             raise
+        finally:
+            self.loop.leave(job)
         if images is None:  # only a job whose caller went away has no images
             raise RuntimeError("image job was cancelled while its caller still waited")
         return images
@@ -266,6 +333,8 @@ class ImageServer:
             "batch_wait_timeout_s": self._batcher._get_batch_wait_timeout_s(),
             "running": self.loop.running,
             "waiting": self.loop.waiting,
+            "shed": self.loop.places.shed,
+            "refused": self.loop.places.refused,
             "max_pixels_per_call": self.loop.max_pixels,
             "replica": replica,
             "pid": os.getpid(),

@@ -15,6 +15,10 @@ against 0.91 for this design on the embeddings benchmark.)
 Each request keeps its own outcome: the replica answers a list with one result or error per
 request. A request whose caller leaves (a deadline, a disconnect) before its call is sent is
 dropped from the queue; a call whose callers have all left is cancelled on the replica.
+
+Requests share a call only with requests of their own ``group`` (the API key): a call is
+answered when its last request is, so a key's single input never waits on another key's large
+requests that the replica's fair batching puts after it.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class _Waiting:
     item: Any
     weight: int
     future: asyncio.Future[Any]
+    group: str = ""
 
 
 @dataclass
@@ -82,10 +87,11 @@ class Coalescer:
         """Requests queued for the next call (withdrawn ones until a call skips them)."""
         return len(self._queue)
 
-    async def submit(self, item: Any, weight: int = 1) -> Any:
-        """The result for ``item``; raises its error. Cancelling withdraws it."""
+    async def submit(self, item: Any, weight: int = 1, group: str = "") -> Any:
+        """The result for ``item``; raises its error. Cancelling withdraws it. It shares a call
+        only with items of its ``group``."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        waiting = _Waiting(item, max(1, weight), future)
+        waiting = _Waiting(item, max(1, weight), future, group)
         self._queue.append(waiting)
         self._weight += waiting.weight
         if self._in_flight < self.max_in_flight or self._weight >= self.max_weight:
@@ -113,18 +119,25 @@ class Coalescer:
             self._timer = loop.call_later(self.max_wait_s, self._flush)
 
     def _take(self) -> list[_Waiting]:
-        """The queue's head up to ``max_weight`` (at least one item); withdrawn ones dropped."""
+        """The first live item and the later ones of its group, up to ``max_weight`` (at least
+        one item); withdrawn ones dropped, the others kept in order."""
         taken: list[_Waiting] = []
+        kept: deque[_Waiting] = deque()
         weight = 0
         while self._queue:
-            head = self._queue[0]
+            head = self._queue.popleft()
             if head.future.done():  # withdrawn while it waited
-                self._weight -= self._queue.popleft().weight
+                self._weight -= head.weight
                 continue
-            if taken and weight + head.weight > self.max_weight:
-                break
-            taken.append(self._queue.popleft())
+            if taken and (head.group != taken[0].group or weight + head.weight > self.max_weight):
+                kept.append(head)
+                if weight >= self.max_weight:
+                    break
+                continue
+            taken.append(head)
             weight += head.weight
+        kept.extend(self._queue)
+        self._queue = kept
         self._weight -= weight
         return taken
 

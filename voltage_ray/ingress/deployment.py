@@ -9,6 +9,7 @@ limiter; settlements are delivered before the response's last byte (``settlement
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import time
@@ -115,7 +116,9 @@ class Ingress:
         self._status_watch: asyncio.Task[None] | None = None
         self._status_forgotten = 0.0  # when forget_readiness() last ran
         self._coalescers: dict[str, Coalescer] = {}
-        self._occupied: dict[str, int] = {m.id: 0 for m in self.config.models}
+        self._occupied: dict[str, collections.Counter[str]] = {
+            m.id: collections.Counter() for m in self.config.models
+        }  # model id -> requests let in, per API key
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = create_api(self)
@@ -329,25 +332,31 @@ class Ingress:
             )
         return coalescer
 
-    async def occupy(self, model: ModelConfig) -> bool:
+    async def occupy(self, model: ModelConfig, key: str) -> bool:
         """Take the request's place among those ``model`` may hold at once at this replica:
         what its running replicas take (max_ongoing_requests each) plus its queue
-        (max_queued_requests). False when none is left: the model is at capacity. Held until
-        the response ends, across all of the request's calls (chat: tokenize, then generate),
-        so a request let in is not refused half way. Embeddings calls carry many requests:
-        Serve's own queue bound (on calls) applies to them alone."""
+        (max_queued_requests). When they are full, only a key holding less than its fair share
+        of them (the places over the keys holding some) is let in: the replicas' own fair
+        queues then decide whose request gives way (``backends/fairness.py``). False: the
+        model is at capacity for ``key``. Held until the response ends, across all of the
+        request's calls (chat: tokenize, then generate), so a request let in is not refused
+        half way. Embeddings calls carry many requests: the replica's queue alone bounds them."""
         queued = model.deployment.max_queued_requests
         request = REQUEST.get()
         if request is None or model.id in request.places or model.kind == "embeddings":
             return True
+        held = self._occupied[model.id]
         if queued is not None and queued >= 0:
             _, running = (await self._status()).get(model.id, (False, 0))
-            if self._occupied[model.id] >= model.deployment.max_ongoing_requests * running + queued:
+            bound = model.deployment.max_ongoing_requests * running + queued
+            if held.total() >= bound and held[key] >= bound / len(set(held) | {key}):
                 return False
-        self._occupied[model.id] += 1
+        held[key] += 1
 
         def release() -> None:
-            self._occupied[model.id] -= 1
+            held[key] -= 1
+            if held[key] <= 0:
+                del held[key]
 
         request.places[model.id] = release
         return True
@@ -434,8 +443,8 @@ class Ingress:
     def observe_failover(self, model_id: str, error: str) -> None:
         self.metrics.failovers.inc(tags={"model": model_id, "error": error})
 
-    def observe_overload(self, model_id: str) -> None:
-        self.metrics.overloaded.inc(tags={"model": model_id})
+    def observe_overload(self, model_id: str, reason: str) -> None:
+        self.metrics.overloaded.inc(tags={"model": model_id, "reason": reason})
 
 
 def replica_owner() -> tuple[str, Any] | None:

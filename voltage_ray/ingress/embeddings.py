@@ -42,14 +42,19 @@ async def create_embedding(
     endpoint = request.url.path
     tries = failover.Tries.at(endpoint)
 
-    async def embed(target: ModelConfig) -> EmbeddingResponse:
-        return await ingress.embedder(target.id).submit(body, weight=len(inputs))
-
     async with ingress.metered(
         principal, endpoint=endpoint, model=body.model, tokens=body.token_upper_bound
     ) as ticket:
+        tenant = ticket.tenant()
+
+        async def embed(target: ModelConfig) -> EmbeddingResponse:
+            shared = ingress.embedder(target.id)
+            return await shared.submit((body, tenant), len(inputs), principal.key_id)
+
         response: EmbeddingResponse = await guards.within(
-            failover.call(ingress, model, tries, embed), limits.embeddings_timeout_s, "Embedding"
+            failover.call(ingress, model, tries, embed, key=principal.key_id),
+            limits.embeddings_timeout_s,
+            "Embedding",
         )
         await ingress.settle(ticket, tokens=response.usage.total_tokens)
     ingress.metrics.prompt_tokens.inc(

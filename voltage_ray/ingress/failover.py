@@ -9,9 +9,10 @@ answer the same. A model with no running replica while it should have some (``mi
 above zero) is skipped at once instead of queueing in Serve's router until the deadline.
 
 A model at capacity is not a failure: when the requests this ingress replica has let in for it
-fill what its replicas run plus its queue (``Ingress.occupy``), or Serve's own bound on the
-queue refuses the call (``max_queued_requests``), the request is answered at once with a 503 and
-``Retry-After``, neither tried again nor billed.
+fill what its replicas run plus its queue and the request's key holds its fair share of them
+(``Ingress.occupy``), when the replica's fair queue refuses or sheds it (``Overloaded``), or when
+Serve's own bound on the router queue refuses the call (``max_queued_requests``), the request is
+answered at once with a 503 and ``Retry-After``, neither tried again nor billed.
 
 Every try is recorded in the spec's ``attempts`` shape: ``{step, url, status, latency_ms}``,
 ``step`` the Serve deployment tried (``fallback <deployment>`` for a fallback; chat's tokenizing
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from voltage_ray.errors import ServiceUnavailable, unwrap
+from voltage_ray.errors import Overloaded, ServiceUnavailable, unwrap
 
 if TYPE_CHECKING:
     from voltage_ray.config import ModelConfig
@@ -97,15 +98,17 @@ async def call(
     tries: Tries,
     send: Callable[[ModelConfig], Awaitable[T]],
     method: str = "",
+    key: str = "",
 ) -> T:
     """``await send(target)`` for ``model``, then its fallbacks, until one answers.
 
     Raises what ``send`` raised when that is not a replica failure, else (every try failed) a
-    503 whose details carry the attempts; a 503 at once when ``model`` is at capacity.
+    503 whose details carry the attempts; a 503 at once when ``model`` is at capacity for the
+    API key ``key``.
     """
-    if not await ingress.occupy(model):
-        ingress.observe_overload(model.id)
-        raise overloaded(model, tries)
+    if not await ingress.occupy(model, key):
+        ingress.observe_overload(model.id, "refused")
+        raise overloaded(model, tries, "refused")
     for i, target in enumerate([model, *(ingress.by_id[m] for m in model.fallbacks)]):
         step = ingress.deployment_names[target.id] + (f":{method}" if method else "")
         step = f"fallback {step}" if i else step
@@ -117,10 +120,16 @@ async def call(
             try:
                 result = await send(target)
             except Exception as exc:
-                if isinstance(unwrap(exc), BackPressureError):
+                cause = unwrap(exc)
+                if isinstance(cause, Overloaded):  # the replica's fair queue: refused or shed
                     tries.record(step, ServiceUnavailable.status, started)
-                    ingress.observe_overload(target.id)
-                    raise overloaded(target, tries) from None
+                    ingress.observe_overload(target.id, str(cause.details.get("reason")))
+                    cause.details["attempts"] = tries.as_list()
+                    raise cause from None
+                if isinstance(cause, BackPressureError):
+                    tries.record(step, ServiceUnavailable.status, started)
+                    ingress.observe_overload(target.id, "capacity")
+                    raise overloaded(target, tries, "capacity") from None
                 if not replica_gone(exc):
                     raise
                 tries.record(step, ServiceUnavailable.status, started)
@@ -145,14 +154,12 @@ async def call(
     )
 
 
-def overloaded(model: ModelConfig, tries: Tries) -> ServiceUnavailable:
+def overloaded(model: ModelConfig, tries: Tries, reason: str) -> Overloaded:
     """The 503 for a model whose queue is full."""
-    limit = model.deployment.max_queued_requests
-    return ServiceUnavailable(
-        f"Model '{model.id}' is at capacity; retry shortly",
-        details={"model": model.id, "max_queued_requests": limit, "attempts": tries.as_list()},
-        headers={"Retry-After": str(OVERLOADED_RETRY_AFTER_S)},
-    )
+    error = Overloaded.at(model.id, model.deployment.max_queued_requests, reason)
+    error.details["attempts"] = tries.as_list()
+    error.headers["Retry-After"] = str(OVERLOADED_RETRY_AFTER_S)
+    return error
 
 
 async def result(response: Any) -> Any:

@@ -57,22 +57,30 @@ async def generate(
     async def prepare(target: ModelConfig) -> dict[str, int]:
         return await failover.result(method(target, calls.prepare).remote(body))
 
+    key = principal.key_id
+
     # Prompt tokens, max_tokens and choices, or a 400.
     budget = await guards.within(
-        failover.call(ingress, model, tries, prepare, "prepare"), limits.chat_timeout_s, calls.title
+        failover.call(ingress, model, tries, prepare, "prepare", key),
+        limits.chat_timeout_s,
+        calls.title,
     )
     reserve = budget["prompt_tokens"] + budget["max_tokens"] * budget["n"]
     tags = {"model": model.id, "plan": principal.plan}
+    service_tier = getattr(body, "service_tier", None)
     if not body.stream:
-
-        async def whole(target: ModelConfig) -> Any:
-            return await failover.result(method(target, calls.whole).remote(body))
-
         async with ingress.metered(
             principal, endpoint=endpoint, model=body.model, tokens=reserve
         ) as ticket:
+            tenant = ticket.tenant(service_tier)
+
+            async def whole(target: ModelConfig) -> Any:
+                return await failover.result(method(target, calls.whole).remote(body, tenant))
+
             response = await guards.within(
-                failover.call(ingress, model, tries, whole), limits.chat_timeout_s, calls.title
+                failover.call(ingress, model, tries, whole, key=key),
+                limits.chat_timeout_s,
+                calls.title,
             )
             await ingress.settle(ticket, tokens=response.usage.total_tokens)
         count_tokens(ingress, endpoint, tags, response.usage)
@@ -80,15 +88,18 @@ async def generate(
         return JSONResponse(response.model_dump(mode="json"), headers=headers)
 
     ticket = await ingress.admit(principal, endpoint=endpoint, model=body.model, tokens=reserve)
+    tenant = ticket.tenant(service_tier)
     usage: dict[str, Usage | None] = {"so_far": None}
 
     async def open_stream(target: ModelConfig) -> tuple[Any, Any]:
-        gen = method(target, calls.stream, stream=True).remote(body)
+        gen = method(target, calls.stream, stream=True).remote(body, tenant)
         return await sse.first_item(gen), gen
 
     try:
         first, gen = await guards.within(
-            failover.call(ingress, model, tries, open_stream), limits.chat_timeout_s, calls.title
+            failover.call(ingress, model, tries, open_stream, key=key),
+            limits.chat_timeout_s,
+            calls.title,
         )
     except BaseException:
         await asyncio.shield(ingress.settle(ticket))

@@ -125,14 +125,17 @@ async def create_image(
     output = "jpeg" if media == "image/jpeg" else "png"
     tries = failover.Tries.at(request.url.path)
 
-    async def generate(target: ModelConfig) -> list[bytes]:
-        return await failover.result(ingress.handles[target.id].generate.remote(body, output))
-
     async with ingress.metered(
         principal, endpoint=request.url.path, model=model, images=body.n
     ) as ticket:
+        tenant = ticket.tenant()
+
+        async def generate(target: ModelConfig) -> list[bytes]:
+            call = ingress.handles[target.id].generate.remote(body, output, tenant)
+            return await failover.result(call)
+
         images: list[bytes] = await guards.within(
-            failover.call(ingress, config, tries, generate),
+            failover.call(ingress, config, tries, generate, key=principal.key_id),
             limits.images_timeout_s,
             "Image generation",
         )

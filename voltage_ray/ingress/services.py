@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from fastapi import Request
 
+from voltage_ray.backends.fairness import Tenant
 from voltage_ray.config import AppConfig, ModelConfig, ModelKind
 from voltage_ray.limits.limiter import Grant, Principal
 from voltage_ray.metrics import IngressMetrics
@@ -34,6 +35,15 @@ class Ticket:
     used: tuple[int, int] = (0, 0)  # tokens, images: recorded by Services.settle
     in_request: bool = True  # delivered by SettleBeforeLastByte (else at once by settle)
     idempotent: bool = False  # admitted with the request's Idempotency-Key
+
+    def tenant(self, service_tier: str | None = None) -> Tenant:
+        """Whose request this is, for the model replicas' fair scheduling: the API key and its
+        plan's priority; OpenAI's ``service_tier: flex`` asks for less (one level lower), and no
+        tier raises a key above its plan."""
+        priority = self.grant.priority if self.grant is not None else 0
+        if service_tier == "flex":
+            priority -= 1
+        return Tenant(self.principal.key_id, priority, self.principal.plan)
 
 
 class Services(Protocol):
@@ -72,8 +82,8 @@ class Services(Protocol):
 
     def forget_readiness(self) -> None: ...
 
-    async def occupy(self, model: ModelConfig) -> bool: ...
+    async def occupy(self, model: ModelConfig, key: str) -> bool: ...
 
     def observe_failover(self, model_id: str, error: str) -> None: ...
 
-    def observe_overload(self, model_id: str) -> None: ...
+    def observe_overload(self, model_id: str, reason: str) -> None: ...

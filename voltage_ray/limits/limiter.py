@@ -88,6 +88,7 @@ class Grant:
     tokens: int
     images: int
     headers: dict[str, str]
+    priority: int = 0  # the plan's, for the model replicas' scheduling
 
 
 @dataclass(frozen=True)
@@ -373,7 +374,7 @@ class Limiter:
         else:
             self._windowed.discard(key_id)
         headers = quota.headers(plan, state, usage, ask, now, month_end)
-        return Grant(ticket, self.epoch, key_id, period, tokens, images, headers)
+        return Grant(ticket, self.epoch, key_id, period, tokens, images, headers, plan.priority)
 
     def _repeat(
         self,

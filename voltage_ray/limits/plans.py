@@ -22,7 +22,19 @@ class Plan(BaseModel):
     images_per_month: int | None = Field(default=None, ge=0)
     # Optional refinements.
     tokens_per_minute: int | None = Field(default=None, ge=0)
-    max_concurrent_requests: int | None = Field(default=None, ge=1)
+    max_concurrent_requests: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests a key may have in flight at once, cluster-wide (a stream until "
+        "its last byte or its cancellation); past it a 429.",
+    )
+    priority: int = Field(
+        default=0,
+        ge=-100,
+        le=100,
+        description="Scheduling priority in the model replicas: a higher one is served first "
+        "and may pause a lower one's rows; keys of one priority share fairly.",
+    )
     models: list[str] | None = Field(default=None, description="Allow-list of model names.")
 
 

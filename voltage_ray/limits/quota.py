@@ -351,6 +351,8 @@ def headers(
 
     Requests: the per-minute window. Tokens: the per-minute window when the plan has one, else
     the monthly quota (reset at the period's end). Images (an extension): the monthly quota.
+    Concurrent requests (an extension): the plan's ``max_concurrent_requests`` and what is left
+    of it with this request in flight.
     """
     out: dict[str, str] = {}
     month_left = (period_end(now) if month_end is None else month_end) - now
@@ -371,6 +373,10 @@ def headers(
         limit = plan.images_per_month
         left = limit - usage.images - usage.reserved_images
         _put(out, "images", limit, left, month_left)
+    if plan.max_concurrent_requests is not None:  # extension: no reset, a request's end frees
+        limit = plan.max_concurrent_requests
+        out["x-ratelimit-limit-concurrent-requests"] = str(limit)
+        out["x-ratelimit-remaining-concurrent-requests"] = str(max(0, limit - state.in_flight))
     return out
 
 
