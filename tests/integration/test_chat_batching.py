@@ -228,10 +228,10 @@ async def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(
         await asyncio.sleep(0.05)
     before = await info(SMOL)
     long_prompt = " ".join(f"Fact {i}: foxes are clever animals." for i in range(60))
+    seen.append("long sent")  # a stream's response starts with its first token
     response = await client.chat.completions.create(
         model="smol", stream=True, max_tokens=2, temperature=0, **ask(long_prompt)
     )
-    seen.append("long sent")
     async for chunk in response:
         if chunk.choices and chunk.choices[0].delta.content:
             seen.append("long first token")

@@ -14,6 +14,7 @@ from voltage_ray.backends.fairness import (
     Tenant,
     first,
     give_way,
+    let_in,
     under_share,
     victim,
 )
@@ -110,3 +111,11 @@ def test_places_bound_the_waiting_requests_fairly() -> None:
     assert shed is c and c.shed and not b.shed and places.shed == 1
     places.leave(d)
     assert places.keys() == {"heavy"}
+
+
+def test_past_the_ingress_bound_only_a_key_under_its_share_is_let_in() -> None:
+    assert let_in({"heavy": 3}, "heavy", 4)
+    assert not let_in({"heavy": 4}, "heavy", 4)  # full, and heavy holds all of it
+    assert let_in({"heavy": 4}, "light", 4)  # light holds none of its share of 2
+    assert let_in({"heavy": 3, "light": 1}, "light", 4)
+    assert not let_in({"heavy": 2, "light": 2}, "light", 4)

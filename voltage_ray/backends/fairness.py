@@ -87,6 +87,17 @@ def rank(tenant: Tenant, held: int, served: float, seq: int) -> tuple[int, int, 
     return (-tenant.priority, held, served, seq)
 
 
+def let_in(held: Mapping[str, int], key: str, bound: int) -> bool:
+    """May one more request of ``key`` come in, with ``held`` requests per key already in and at
+    most ``bound`` in all? Past the bound, only a key holding less than its fair share (the
+    bound over the keys holding some, ``key`` included) is let in."""
+    total = sum(held.values())
+    if total < bound:
+        return True
+    keys = {k for k, n in held.items() if n > 0} | {key}
+    return held.get(key, 0) < bound / len(keys)
+
+
 def give_way(
     waiting: Sequence[tuple[Tenant, int]],
     places: Mapping[str, int],

@@ -21,6 +21,7 @@ import ray
 from fastapi import FastAPI, Request
 from ray import serve
 
+from voltage_ray.backends.fairness import let_in
 from voltage_ray.config import AppConfig, EmbeddingSettings, ModelConfig, ModelKind
 from voltage_ray.errors import (
     BadRequest,
@@ -348,8 +349,7 @@ class Ingress:
         held = self._occupied[model.id]
         if queued is not None and queued >= 0:
             _, running = (await self._status()).get(model.id, (False, 0))
-            bound = model.deployment.max_ongoing_requests * running + queued
-            if held.total() >= bound and held[key] >= bound / len(set(held) | {key}):
+            if not let_in(held, key, model.deployment.max_ongoing_requests * running + queued):
                 return False
         held[key] += 1
 
