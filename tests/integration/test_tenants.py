@@ -107,8 +107,7 @@ async def flood_while(served: ServedApp, send: Any, workers: int, light: Any) ->
 def test_a_key_past_its_concurrent_requests_gets_a_429_with_what_is_left(
     served: ServedApp,
 ) -> None:
-    """Before the floods below: a busy machine could delay the second request past the
-    first's end."""
+    """A plan of one request in flight: a second while a stream runs is a 429 that says so."""
     key = served.new_key("limits_single")
     with served.client() as c:
         r = c.post(
@@ -119,18 +118,21 @@ def test_a_key_past_its_concurrent_requests_gets_a_429_with_what_is_left(
         assert r.status_code == 200
         assert r.headers["x-ratelimit-limit-concurrent-requests"] == "1"
         assert r.headers["x-ratelimit-remaining-concurrent-requests"] == "0"  # this one
-        # Greedy: the tiny model's same long answer, streaming for seconds, unread.
+        # SmolLM2 with its end-of-sequence tokens banned: a 1500-token stream (half a minute
+        # here), cancelled when the block ends, so the next request comes while it runs.
         body = {
-            "model": "tiny-chat",
+            "model": "smol",
             "messages": MESSAGES,
             "max_tokens": 1500,
             "temperature": 0,
+            "logit_bias": {"0": -100, "2": -100},
             "stream": True,
         }
         with c.stream("POST", CHAT, headers=served.headers(key), json=body) as s:
             assert s.status_code == 200
             next(line for line in s.iter_lines() if line.startswith("data: {"))
-            busy = c.post(CHAT, headers=served.headers(key), json={**body, "stream": False})
+            plain = {**body, "stream": False, "max_tokens": 1}
+            busy = c.post(CHAT, headers=served.headers(key), json=plain)
             details = assert_error(busy, 429, "Rate limit exceeded")
             assert details["limit"] == "max_concurrent_requests" and details["limit_value"] == 1
             assert busy.headers["retry-after"] == "1"
