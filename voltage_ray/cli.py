@@ -105,8 +105,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
     plans = load_plans(default_plans_path(args.plans))
     now = time.time()
     period = quota.period_of(now)
-    usage.ensure_schema(store.conn)
-    rows = usage.period_usage(store.conn, period)
+    usage.ensure_schema(store.db)
+    rows = usage.period_usage(store.db, period)
     print(f"period {period} (UTC), resets {_when(quota.period_end(now))}")
     print(f"{'id':<14}{'name':<16}{'plan':<12}{'requests':>10}  {'tokens':<30}{'images':<24}")
     for r in records:
@@ -217,7 +217,10 @@ def parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--db", help="SQLite database (default: $VOLTAGE_DB or ~/.local/share/...)")
+    p.add_argument(
+        "--db",
+        help="an SQLite path or a PostgreSQL DSN (default: $VOLTAGE_DB, else the default path)",
+    )
     p.add_argument("--plans", help="plans.yaml (default: $VOLTAGE_PLANS or configs/plans.yaml)")
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -534,6 +534,13 @@ class LimitsConfig(_Strict):
         description="Custom resource that marks the node holding the database; the limiter "
         "requires it. Default: the head node (its node:__internal_head__ resource).",
     )
+    actor_name: str = Field(
+        default="voltage_ray_limiter",
+        min_length=1,
+        description="The limiter actor's name (namespace voltage_ray): one per database. Apps "
+        "that share a Ray cluster and a database share it; apps with different databases on "
+        "one cluster need different names.",
+    )
 
 
 class ImageStoreConfig(_Strict):
@@ -580,7 +587,11 @@ class AppConfig(_Strict):
     models: list[ModelConfig] = Field(min_length=1, description="Models to serve.")
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     database: str | None = Field(
-        default=None, description="SQLite path for keys and usage (VOLTAGE_DB overrides)."
+        default=None,
+        description="Keys, usage, holds and stored responses: an SQLite file's path (the "
+        "default, ~/.local/share/voltage_ray/voltage.db) or a PostgreSQL DSN "
+        "('postgresql://user:password@host:5432/db'), which survives the head node and serves a "
+        "whole cluster. VOLTAGE_DB overrides.",
     )
     plans: str | None = Field(
         default=None, description="Path of plans.yaml (VOLTAGE_PLANS overrides)."
@@ -632,12 +643,15 @@ def _data_home() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
 
 
-def default_db_path(configured: str | None = None) -> Path:
-    """VOLTAGE_DB, else the configured path, else ~/.local/share/voltage_ray/voltage.db."""
+def default_db_path(configured: str | None = None) -> str:
+    """VOLTAGE_DB, else the configured database, else ~/.local/share/voltage_ray/voltage.db:
+    an SQLite file's absolute path, or a PostgreSQL DSN (``postgresql://...``) as it is."""
     value = os.environ.get("VOLTAGE_DB") or configured
-    return (
-        Path(value).expanduser().resolve() if value else _data_home() / "voltage_ray" / "voltage.db"
-    )
+    if value and (value.startswith("postgresql://") or value.startswith("postgres://")):
+        return value
+    if value:
+        return str(Path(value).expanduser().resolve())
+    return str(_data_home() / "voltage_ray" / "voltage.db")
 
 
 def default_cache_dir(configured: str | None = None) -> Path:

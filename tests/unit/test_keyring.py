@@ -39,7 +39,7 @@ def test_changes_apply_in_place_and_a_full_update_replaces(tmp_path: Path) -> No
     ring.apply(store.changes(ring.seq))
     _, late_key = store.create("free")
     store.revoke(kept.id)
-    store.conn.execute("DELETE FROM api_keys WHERE id = ?", (gone.id,))
+    store.db.execute("DELETE FROM api_keys WHERE id = ?", (gone.id,))
     update = store.changes(ring.seq)
     assert not update.full
     ring.apply(update)

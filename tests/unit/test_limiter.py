@@ -1,4 +1,5 @@
-"""The limiter class without Ray: atomic admission, settlement, group commit, restart recovery.
+"""The limiter class without Ray: atomic admission, settlement, durable group commit (every
+answer on disk before it is given), restart recovery of every outstanding hold.
 
 The actor is an ordinary class; Ray adds only the remote calls. These tests drive it on one
 event loop, as the actor's loop does, with many admissions in flight at once.
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import ray
 
 from voltage_ray.errors import BadRequest, Forbidden, QuotaExceeded, RateLimited, Unauthorized
 from voltage_ray.limits import limiter as limiter_mod
+from voltage_ray.limits.db import Database
 from voltage_ray.limits.idempotency import Answer, Answers, InProgress, Replay, valid_key
 from voltage_ray.limits.keys import KeyStore, parse_key
 from voltage_ray.limits.limiter import Grant, Limiter, Settlement
@@ -30,13 +31,14 @@ plans:
 
 
 @pytest.fixture()
-def env(tmp_path: Path) -> tuple[Path, Path]:
+def env(tmp_path: Path, database: str) -> tuple[str, Path]:
+    """The database (SQLite and PostgreSQL, one test each) and the plans."""
     plans = tmp_path / "plans.yaml"
     plans.write_text(PLANS)
-    return tmp_path / "v.db", plans
+    return database, plans
 
 
-def new_key(db: Path, plan: str) -> tuple[str, str]:
+def new_key(db: str | Path, plan: str) -> tuple[str, str]:
     store = KeyStore(db)
     try:
         record, key = store.create(plan)
@@ -49,22 +51,42 @@ def settlement(g: Grant, tokens: int = 0, images: int = 0) -> Settlement:
     return Settlement(g.ticket, g.epoch, g.key_id, g.period, g.tokens, g.images, tokens, images)
 
 
-def stored(db: Path, key_id: str) -> tuple[int, int, int, int] | None:
-    row = (
-        sqlite3.connect(db)
-        .execute(
+def query(db: str, sql: str) -> list[tuple[object, ...]]:
+    """Rows of ``sql`` on the database, numbers as ints."""
+    conn = Database(db)
+    try:
+        rows = conn.all(sql)
+    finally:
+        conn.close()
+    return [tuple(int(v) if isinstance(v, int) else v for v in row) for row in rows]
+
+
+def held(db: str) -> list[tuple[str, int, str, int]]:
+    """The outstanding holds on disk: (epoch, ticket, key id, tokens)."""
+    conn = Database(db)
+    try:
+        rows = conn.all("SELECT epoch, ticket, key_id, tokens FROM holds")
+    finally:
+        conn.close()
+    return sorted((str(e), int(t), str(k), int(n)) for e, t, k, n in rows)
+
+
+def stored(db: str, key_id: str) -> tuple[int, ...] | None:
+    conn = Database(db)
+    try:
+        row = conn.one(
             "SELECT requests, tokens, images, reserved_tokens FROM usage WHERE key_id = ?",
             (key_id,),
         )
-        .fetchone()
-    )
-    return tuple(row) if row else None
+    finally:
+        conn.close()
+    return tuple(int(v) for v in row) if row else None
 
 
-async def test_forty_simultaneous_admissions_on_five_per_minute(env: tuple[Path, Path]) -> None:
+async def test_forty_simultaneous_admissions_on_five_per_minute(env: tuple[str, Path]) -> None:
     db, plans = env
     key_id, _ = new_key(db, "five")
-    lim = Limiter(str(db), str(plans))
+    lim = Limiter(db, str(plans))
     results = await asyncio.gather(*(lim.admit(key_id, (), 0, 0) for _ in range(40)))
     grants = [r for r in results if isinstance(r, Grant)]
     refusals = [r for r in results if isinstance(r, RateLimited)]
@@ -75,10 +97,10 @@ async def test_forty_simultaneous_admissions_on_five_per_minute(env: tuple[Path,
     assert sorted(g.headers["x-ratelimit-remaining-requests"] for g in grants) == list("01234")
 
 
-async def test_token_quota_is_never_exceeded(env: tuple[Path, Path]) -> None:
+async def test_token_quota_is_never_exceeded(env: tuple[str, Path]) -> None:
     db, plans = env
     key_id, _ = new_key(db, "tiny")
-    lim = Limiter(str(db), str(plans))
+    lim = Limiter(db, str(plans))
     results = await asyncio.gather(*(lim.admit(key_id, (), 30, 0) for _ in range(30)))
     grants = [r for r in results if isinstance(r, Grant)]
     assert len(grants) == 3
@@ -96,42 +118,65 @@ async def test_token_quota_is_never_exceeded(env: tuple[Path, Path]) -> None:
     assert (await lim.usage(key_id))["limits"]["tokens"]["used"] == 60  # type: ignore[index]
 
 
-async def test_flush_restart_and_late_settlement(env: tuple[Path, Path]) -> None:
+async def test_every_answer_is_on_disk_and_a_restart_restores_every_hold(
+    env: tuple[str, Path],
+) -> None:
     db, plans = env
     key_id, _ = new_key(db, "tiny")
-    lim = Limiter(str(db), str(plans))
+    lim = Limiter(db, str(plans))
     g1 = await lim.admit(key_id, (), 40, 0)
     g2 = await lim.admit(key_id, (), 40, 0)
     assert isinstance(g1, Grant) and isinstance(g2, Grant)
     await lim.settle([settlement(g1, tokens=25)])
-    assert await lim.flush() == 1
+    # No flush: what was answered is already on disk, the outstanding hold included.
     assert stored(db, key_id) == (2, 25, 0, 40)
-    # The actor dies; a new incarnation restores the outstanding hold from the database.
-    new = Limiter(str(db), str(plans))
+    assert held(db) == [(g2.epoch, g2.ticket, key_id, 40)]
+    # The actor dies (no graceful exit); a new incarnation restores the outstanding hold.
+    new = Limiter(db, str(plans))
     assert isinstance(await new.admit(key_id, (), 36, 0), QuotaExceeded)  # 25 + 40 + 36 > 100
+    report = await new.usage(key_id)
+    assert report is not None and report["limits"]["in_flight"]["used"] == 1  # concurrency too
     await new.settle([settlement(g2, tokens=5)])  # the old ticket settles at the new actor
+    await new.settle([settlement(g2, tokens=5)])  # once
     report = await new.usage(key_id)
     assert report is not None
     assert report["limits"]["tokens"] == {"used": 30, "reserved": 0, "limit": 100}
+    assert report["limits"]["in_flight"]["used"] == 0
+    assert held(db) == []  # settled: nothing is left to be charged later
     assert isinstance(await new.admit(key_id, (), 70, 0), Grant)
 
 
-async def test_rate_window_survives_a_restart(env: tuple[Path, Path]) -> None:
+async def test_a_restored_concurrency_place_holds_until_its_request_settles(
+    tmp_path: Path, database: str
+) -> None:
+    plans = tmp_path / "plans.yaml"
+    plans.write_text("plans:\n  single: {max_concurrent_requests: 1}\n")
+    key_id, _ = new_key(database, "single")
+    lim = Limiter(database, str(plans))
+    first = await lim.admit(key_id, (), 0, 0)
+    assert isinstance(first, Grant)
+    new = Limiter(database, str(plans))  # the old one was killed
+    busy = await new.admit(key_id, (), 0, 0)
+    assert isinstance(busy, RateLimited) and busy.details["limit"] == "max_concurrent_requests"
+    await new.settle([settlement(first)])
+    assert isinstance(await new.admit(key_id, (), 0, 0), Grant)
+
+
+async def test_rate_window_survives_a_restart(env: tuple[str, Path]) -> None:
     db, plans = env
     key_id, _ = new_key(db, "five")
-    lim = Limiter(str(db), str(plans))
+    lim = Limiter(db, str(plans))
     for _ in range(3):
         assert isinstance(await lim.admit(key_id, (), 0, 0), Grant)
-    lim.__ray_shutdown__()  # graceful exit writes everything
-    new = Limiter(str(db), str(plans))
+    new = Limiter(db, str(plans))  # the old one was killed: its windows are on disk
     results = [await new.admit(key_id, (), 0, 0) for _ in range(5)]
     assert [isinstance(r, Grant) for r in results] == [True, True, False, False, False]
 
 
-async def test_unsettled_reservations_expire_charged_in_full(env: tuple[Path, Path]) -> None:
+async def test_unsettled_reservations_expire_charged_in_full(env: tuple[str, Path]) -> None:
     db, plans = env
     key_id, _ = new_key(db, "tiny")
-    lim = Limiter(str(db), str(plans), {"reservation_ttl_s": 0.01})
+    lim = Limiter(db, str(plans), {"reservation_ttl_s": 0.01})
     g = await lim.admit(key_id, (), 30, 1)
     assert isinstance(g, Grant)
     await asyncio.sleep(0.02)
@@ -142,12 +187,12 @@ async def test_unsettled_reservations_expire_charged_in_full(env: tuple[Path, Pa
 
 
 async def test_keys_plans_and_hot_reload(
-    env: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    env: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     db, plans = env
     monkeypatch.setattr(limiter_mod, "PLANS_RELOAD_S", 0.0)
     key_id, key = new_key(db, "open")
-    lim = Limiter(str(db), str(plans))
+    lim = Limiter(db, str(plans))
     assert isinstance(await lim.admit(key_id, (), 10, 0), Grant)
     plans.write_text(PLANS.replace("open: {}", "open: {requests_per_minute: 1, models: [m]}"))
     import os
@@ -156,17 +201,17 @@ async def test_keys_plans_and_hot_reload(
     assert isinstance(await lim.admit(key_id, ("other",), 0, 0), Forbidden)
     assert isinstance(await lim.admit(key_id, ("m",), 0, 0), RateLimited)  # one already taken
     assert isinstance(await lim.admit("000000000000", (), 0, 0), Unauthorized)
-    seq = (await lim.key_changes(str(db), 0)).seq
+    seq = (await lim.key_changes(db, 0)).seq
     store = KeyStore(db)
     store.revoke(key_id)
     store.close()
-    await lim.key_changes(str(db), seq)  # what ingress replicas call every second
+    await lim.key_changes(db, seq)  # what ingress replicas call every second
     assert isinstance(await lim.admit(key_id, ("m",), 0, 0), Unauthorized)  # not cached 2 s
     assert parse_key(key) == key_id
 
 
 async def test_monthly_quota_resets_with_the_calendar_month(
-    env: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    env: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import datetime as dt
     import time
@@ -176,7 +221,7 @@ async def test_monthly_quota_resets_with_the_calendar_month(
     end_of_march = dt.datetime(2025, 3, 31, 23, 59, 59, tzinfo=dt.timezone.utc).timestamp()
     clock = {"now": end_of_march}
     monkeypatch.setattr(time, "time", lambda: clock["now"])
-    lim = Limiter(str(db), str(plans))
+    lim = Limiter(db, str(plans))
     spent = await lim.admit(key_id, (), 90, 0)
     in_flight = await lim.admit(key_id, (), 10, 0)
     assert isinstance(spent, Grant) and isinstance(in_flight, Grant)
@@ -187,16 +232,12 @@ async def test_monthly_quota_resets_with_the_calendar_month(
     assert isinstance(april, Grant) and april.period == "2025-04"
     await lim.settle([settlement(in_flight, tokens=4)])  # counted in March, where it was admitted
     await lim.flush()
-    rows = (
-        sqlite3.connect(db)
-        .execute("SELECT period, requests, tokens, reserved_tokens FROM usage ORDER BY period")
-        .fetchall()
-    )
+    rows = query(db, "SELECT period, requests, tokens, reserved_tokens FROM usage ORDER BY period")
     assert rows == [("2025-03", 2, 94, 0), ("2025-04", 1, 0, 100)]
 
 
 async def test_late_settlement_of_a_past_period_after_a_restart(
-    env: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    env: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import datetime as dt
     import time
@@ -205,41 +246,37 @@ async def test_late_settlement_of_a_past_period_after_a_restart(
     key_id, _ = new_key(db, "tiny")
     clock = {"now": dt.datetime(2025, 3, 31, 23, 59, tzinfo=dt.timezone.utc).timestamp()}
     monkeypatch.setattr(time, "time", lambda: clock["now"])
-    old = Limiter(str(db), str(plans), {"reservation_ttl_s": 60})
+    old = Limiter(db, str(plans), {"reservation_ttl_s": 60})
     g = await old.admit(key_id, (), 40, 0)
     assert isinstance(g, Grant)
     await old.flush()
     clock["now"] += 120  # April; the actor died and a new one starts
-    new = Limiter(str(db), str(plans), {"reservation_ttl_s": 60})
+    new = Limiter(db, str(plans), {"reservation_ttl_s": 60})
     assert isinstance(await new.admit(key_id, (), 100, 0), Grant)  # April is untouched
     await new.settle([settlement(g, tokens=11)])
     assert await new.flush() >= 1
     clock["now"] += 120  # past the restored hold's deadline: nothing left to expire
     await new.flush()
-    rows = (
-        sqlite3.connect(db)
-        .execute("SELECT period, tokens, reserved_tokens FROM usage ORDER BY period")
-        .fetchall()
-    )
+    rows = query(db, "SELECT period, tokens, reserved_tokens FROM usage ORDER BY period")
     # March: the late settlement released the restored hold. April: never settled within the
     # TTL, so charged in full.
     assert rows == [("2025-03", 11, 0), ("2025-04", 100, 0)]
 
 
-async def test_key_changes_follow_the_store(env: tuple[Path, Path]) -> None:
+async def test_key_changes_follow_the_store(env: tuple[str, Path]) -> None:
     """What ingress replicas copy: every key first, then only what changed."""
     db, plans = env
     first, _ = new_key(db, "open")
-    lim = Limiter(str(db), str(plans))
+    lim = Limiter(db, str(plans))
     full = await lim.key_changes("", 0)
-    assert full.full and {r.id for r in full.records} >= {first} and full.source == str(db)
+    assert full.full and {r.id for r in full.records} >= {first} and full.source == db
     assert all(r.key_hash for r in full.records)  # hashes, for verification in the ingress
     nothing = await lim.key_changes(full.source, full.seq)
     assert not nothing.full and nothing.records == () and nothing.seq == full.seq
     second, _ = new_key(db, "five")
     store = KeyStore(db)
     store.revoke(first)
-    store.conn.execute("DELETE FROM api_keys WHERE id = ?", (second,))
+    store.db.execute("DELETE FROM api_keys WHERE id = ?", (second,))
     store.close()
     changed = await lim.key_changes(full.source, full.seq)
     assert not changed.full and changed.seq > full.seq
@@ -251,10 +288,10 @@ async def test_key_changes_follow_the_store(env: tuple[Path, Path]) -> None:
     assert (await lim.info())["calls"]["key_changes"] == 5
 
 
-async def test_a_void_settlement_gives_the_request_back(env: tuple[Path, Path]) -> None:
+async def test_a_void_settlement_gives_the_request_back(env: tuple[str, Path]) -> None:
     db, plans = env
     key_id, _ = new_key(db, "five")  # 5 requests a minute
-    lim = Limiter(str(db), str(plans))
+    lim = Limiter(db, str(plans))
     grants = [await lim.admit(key_id, (), 10, 0) for _ in range(5)]
     assert isinstance(await lim.admit(key_id, (), 10, 0), RateLimited)
     await lim.settle([dataclasses.replace(settlement(g), counted=False) for g in grants[:2]])
@@ -282,15 +319,17 @@ class Replica:
         return ready()
 
 
-async def test_holds_of_a_dead_ingress_replica_are_voided(env: tuple[Path, Path]) -> None:
+async def test_holds_of_a_dead_ingress_replica_are_voided(env: tuple[str, Path]) -> None:
     db, plans = env
     key_id, _ = new_key(db, "tiny")
-    lim = Limiter(str(db), str(plans))
+    lim = Limiter(db, str(plans))
     alive, doomed = Replica(), Replica()
     await lim.register("alive", alive)
     await lim.register("doomed", doomed)
-    kept = await lim.exchange([], [(key_id, (), 30, 0, None)], "alive")
-    lost = await lim.exchange([], [(key_id, (), 30, 0, None), (key_id, (), 20, 1, None)], "doomed")
+    _, kept = await lim.exchange([], [(key_id, (), 30, 0, None)], "alive")
+    _, lost = await lim.exchange(
+        [], [(key_id, (), 30, 0, None), (key_id, (), 20, 1, None)], "doomed"
+    )
     assert all(isinstance(g, Grant) for g in [*kept, *lost])
     assert await lim.void_dead_owners() == 0  # both answer
     doomed.dead = True
@@ -311,12 +350,12 @@ ANSWER = Answer(200, (("content-type", "application/json"),), b'{"usage": 7}')
 
 
 async def test_a_repeated_idempotency_key_is_answered_again_and_billed_once(
-    env: tuple[Path, Path],
+    env: tuple[str, Path],
 ) -> None:
     db, plans = env
     key_id, _ = new_key(db, "tiny")
     other_id, _ = new_key(db, "tiny")
-    lim = Limiter(str(db), str(plans))
+    lim = Limiter(db, str(plans))
     idem = ("k-1", "fingerprint")
     first = await lim.admit(key_id, (), 30, 0, idem)
     assert isinstance(first, Grant)
@@ -341,15 +380,15 @@ async def test_a_repeated_idempotency_key_is_answered_again_and_billed_once(
 
 
 async def test_a_repeat_runs_afresh_when_its_first_attempt_gave_no_answer(
-    env: tuple[Path, Path],
+    env: tuple[str, Path],
 ) -> None:
     db, plans = env
     key_id, _ = new_key(db, "tiny")
-    lim = Limiter(str(db), str(plans))
+    lim = Limiter(db, str(plans))
     doomed = Replica()
     await lim.register("doomed", doomed)
     # The first attempt's ingress dies before answering: its hold is voided, a repeat runs.
-    [lost] = await lim.exchange([], [(key_id, (), 30, 0, ("k-1", "f"))], "doomed")
+    _, [lost] = await lim.exchange([], [(key_id, (), 30, 0, ("k-1", "f"))], "doomed")
     assert isinstance(await lim.admit(key_id, (), 30, 0, ("k-1", "f")), InProgress)
     doomed.dead = True
     assert await lim.void_dead_owners() == 1
@@ -371,10 +410,10 @@ async def test_a_repeat_runs_afresh_when_its_first_attempt_gave_no_answer(
     assert report["limits"]["tokens"]["used"] == 14
 
 
-async def test_replays_pass_the_request_rate(env: tuple[Path, Path]) -> None:
+async def test_replays_pass_the_request_rate(env: tuple[str, Path]) -> None:
     db, plans = env
     key_id, _ = new_key(db, "five")  # 5 requests a minute
-    lim = Limiter(str(db), str(plans))
+    lim = Limiter(db, str(plans))
     first = await lim.admit(key_id, (), 0, 0, ("k", "f"))
     assert isinstance(first, Grant)
     await lim.settle([dataclasses.replace(settlement(first), answer=ANSWER)])
@@ -401,3 +440,47 @@ def test_kept_answers_are_bounded_by_bytes_and_age() -> None:
     assert answers.find(("key", "big"), now=0.0) is None  # too large to keep
     assert valid_key("9b1f-xyz") and not valid_key("") and not valid_key("a b")
     assert not valid_key("k" * 256)
+
+
+async def test_callers_of_one_moment_share_a_group_commit(env: tuple[str, Path]) -> None:
+    db, plans = env
+    key_id, _ = new_key(db, "open")
+    lim = Limiter(db, str(plans))
+    grants = await asyncio.gather(*(lim.admit(key_id, (), 1, 0) for _ in range(40)))
+    assert all(isinstance(g, Grant) for g in grants)
+    assert len(held(db)) == 40  # every one answered, every one on disk
+    assert (await lim.info())["commits"] < 40  # in fewer transactions than answers
+
+
+async def test_a_failed_commit_answers_nothing(env: tuple[str, Path]) -> None:
+    db, plans = env
+    key_id, _ = new_key(db, "open")
+    lim = Limiter(db, str(plans))
+    lost: list[BaseException] = []
+    lim.lost = lost.append
+    lim.journal.db.close()  # the disk goes away
+    with pytest.raises(Exception, match="closed"):
+        await lim.admit(key_id, (), 1, 0)
+    assert len(lost) == 1  # the actor would exit here, and restart from the database
+
+
+async def test_only_owners_of_restored_holds_are_looked_up_by_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A replica holding this incarnation's admissions is judged by its handle only (it registers
+    with its first admission); one of an earlier incarnation's holds that has not registered
+    again is looked up by its name, and is dead when no actor has that name any more."""
+    from voltage_ray.limits import owners as owners_mod
+
+    looked_up: list[str] = []
+
+    def find(name: str) -> Any:
+        looked_up.append(name)
+        return False  # no such actor
+
+    monkeypatch.setattr(owners_mod, "_find", find)
+    owners = owners_mod.Owners()
+    owners.hold("new", ("e2", 1), "serve/new")  # registration still on its way
+    owners.hold("old", ("e1", 7), "serve/old", restored=True)
+    assert await owners.dead(1.0) == ["old"]
+    assert looked_up == ["serve/old"]

@@ -135,12 +135,43 @@ async def test_admissions_are_recorded_as_the_replicas_own(
 ) -> None:
     actor, _, key = setup
     handle = object()
-    client = LimiterClient(lambda: actor, timeout_s=5, owner=("replica-1", handle))
+    owner = ("replica-1", handle, "serve/replica-1")
+    client = LimiterClient(lambda: actor, timeout_s=5, owner=owner)
     grants = [await client.admit(key, (), 10, 0) for _ in range(3)]
-    await asyncio.sleep(0.05)  # the registration rides on the first grant
+    await asyncio.sleep(0.05)  # the registration rides on the first exchange
     assert actor.calls.count("register") == 1
     assert actor.limiter.owners.handles == {"replica-1": handle}
-    assert actor.limiter.owners.tickets["replica-1"] == {g.ticket for g in grants}
+    assert actor.limiter.owners.tickets["replica-1"] == {(g.epoch, g.ticket) for g in grants}
+    assert actor.limiter.owners.names["replica-1"] == "serve/replica-1"
+
+
+async def test_a_new_incarnation_voids_the_restored_holds_its_replica_does_not_name(
+    setup: tuple[InProcess, str, str], tmp_path: Path
+) -> None:
+    """An admission committed by a limiter that died before its answer reached the replica:
+    the replica never knew it. When the replica registers with the new incarnation it names
+    the holds it has; the others of its own are voided, the ones it names settle as usual."""
+    actor, _, key = setup
+    owner = ("replica-1", object(), "")
+    client = LimiterClient(lambda: actor, timeout_s=5, owner=owner)
+    known = await client.admit(key, (), 10, 0)
+    lost = await actor.limiter.admit(key, (), 20, 0, None, "replica-1")  # its answer is lost
+    assert not isinstance(lost, BaseException)
+    # The limiter dies; a new incarnation restores both holds from the database.
+    actor.limiter = Limiter(str(tmp_path / "v.db"), str(tmp_path / "p.yaml"))
+    assert len(actor.limiter.holds) == 2
+    await client.admit(key, (), 1, 0)  # meets the new epoch, registers naming `known`
+    await asyncio.sleep(0.05)
+    assert set(actor.limiter.holds) == {
+        (known.epoch, known.ticket),
+        *((g, t) for g, t in actor.limiter.holds if g == actor.limiter.epoch),
+    }
+    assert actor.limiter.voided == 1
+    await asyncio.wait_for(client.settle(known, 7, 0), 5)
+    report = await actor.limiter.usage(key)
+    assert report is not None
+    assert report["limits"]["tokens"]["used"] == 7  # the lost admission is billed nothing
+    assert report["limits"]["requests"]["used"] == 2  # and not counted
 
 
 async def test_the_key_ring_follows_the_store(

@@ -142,17 +142,6 @@ def test_concurrency_and_model_allow_list() -> None:
     assert other.details["allowed_models"] == ["tiny-chat"]
 
 
-def test_orphan_holds_release_and_expire() -> None:
-    usage = Usage("2025-03", tokens=10, reserved_tokens=50, orphan_tokens=50)
-    quota.release_orphan(usage, Hold("2025-03", 30, 0), 12, 0)
-    assert (usage.tokens, usage.reserved_tokens, usage.orphan_tokens) == (22, 20, 20)
-    quota.release_orphan(usage, Hold("2025-03", 30, 0), 5, 0)  # more than is held: clamped
-    assert (usage.tokens, usage.reserved_tokens, usage.orphan_tokens) == (27, 0, 0)
-    usage = Usage("2025-03", reserved_tokens=40, orphan_tokens=25)
-    quota.expire_orphans(usage)  # charged in full
-    assert (usage.tokens, usage.reserved_tokens, usage.orphan_tokens) == (25, 15, 0)
-
-
 def test_headers() -> None:
     plan = Plan(requests_per_minute=5, tokens_per_month=1000, images_per_month=3)
     state, usage = KeyState(), Usage("2025-03")

@@ -94,7 +94,9 @@ class Ingress:
         )
         limiter_args = (self.config.database, self.config.plans, options)
         self.limiter = LimiterClient(
-            lambda: get_or_create_limiter(*limiter_args, self.limits.node_resource),
+            lambda: get_or_create_limiter(
+                *limiter_args, self.limits.node_resource, self.limits.actor_name
+            ),
             timeout_s=self.limits.timeout_s,
             owner=replica_owner(),
         )
@@ -447,12 +449,18 @@ class Ingress:
         self.metrics.overloaded.inc(tags={"model": model_id, "reason": reason})
 
 
-def replica_owner() -> tuple[str, Any] | None:
-    """(actor id, actor handle) of the replica this runs in, for the limiter; None outside an
-    actor."""
+SERVE_NAMESPACE = "serve"  # where Serve names its replica actors (not the job's namespace)
+
+
+def replica_owner() -> tuple[str, Any, str] | None:
+    """(actor id, actor handle, ``namespace/name``) of the replica this runs in, for the
+    limiter (which finds it again by that name after a restart); None outside an actor."""
     context = ray.get_runtime_context()
     actor_id = context.get_actor_id()
-    return (actor_id, context.current_actor) if actor_id else None
+    if not actor_id:
+        return None
+    name = context.get_actor_name() or ""
+    return (actor_id, context.current_actor, f"{SERVE_NAMESPACE}/{name}" if name else "")
 
 
 def rejection_reason(refused: VoltageError) -> str:

@@ -11,7 +11,10 @@ its own billing before its last byte leaves; it is retried while the limiter is 
 (the reservation holds until the limiter receives it). Admissions fail fast with a 503 instead:
 a request is never admitted unmetered. The client also keeps the replica's copy of the keys
 fresh (:meth:`follow_keys`) and registers the replica with the limiter, which voids the holds
-of replicas that died.
+of replicas that died. It keeps the holds it was granted until the limiter has their
+settlements: when it meets a new limiter incarnation (every exchange answers with the epoch) it
+registers again naming them, and the new incarnation voids the restored holds of this replica
+that it does not name (admissions whose answer was lost when the old incarnation died).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from voltage_ray.limits import limiter as limiter_mod
 from voltage_ray.limits.idempotency import Answer, InProgress, Replay
 from voltage_ray.limits.keyring import KeyRing
 from voltage_ray.limits.limiter import Grant, Idem, Settlement
+from voltage_ray.limits.usage import HoldId
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +46,16 @@ RETRY = {"Retry-After": "1"}  # on a 503: the limiter restarts within seconds
 class LimiterClient:
     """Calls the shared limiter actor for one process; coalesces admissions and settlements.
 
-    ``owner`` is the ingress replica's (actor id, actor handle): its admissions are recorded as
-    its own, and voided by the limiter if Ray reports the replica dead.
+    ``owner`` is the ingress replica's (actor id, actor handle, ``namespace/name``): its
+    admissions are recorded as its own, and voided by the limiter if Ray reports the replica
+    dead.
     """
 
     def __init__(
         self,
         connect: Callable[[], Any],
         timeout_s: float = 5.0,
-        owner: tuple[str, Any] | None = None,
+        owner: tuple[str, Any, str] | None = None,
     ) -> None:
         self._connect = connect  # returns the actor handle (get or create by name)
         self.actor = connect()
@@ -59,6 +64,7 @@ class LimiterClient:
         self.owner = owner
         self._registered: str | None = None  # the limiter epoch this replica registered with
         self._registering: asyncio.Task[None] | None = None
+        self._live: dict[HoldId, Grant] = {}  # granted, settlement not yet received
         self._admits: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._settles: list[tuple[Settlement, asyncio.Future[bool]]] = []
         self._failing_since: float | None = None
@@ -176,10 +182,10 @@ class LimiterClient:
         admits, self._admits = self._admits, []
         settles, self._settles = self._settles, []
         self._busy = True
-        owner = self.owner[0] if self.owner else ""
+        owner, _, name = self.owner if self.owner else ("", None, "")
         try:
-            results = await self.call(
-                "exchange", [s for s, _ in settles], [args for args, _ in admits], owner
+            epoch, results = await self.call(
+                "exchange", [s for s, _ in settles], [args for args, _ in admits], owner, name
             )
         except ServiceUnavailable as exc:
             for _, future in admits:
@@ -190,20 +196,23 @@ class LimiterClient:
         finally:
             self._busy = False
         self._failing_since = None
-        for _, delivered in settles:
+        for settled, delivered in settles:
+            self._live.pop((settled.epoch, settled.ticket), None)
             if not delivered.done():
                 delivered.set_result(True)
         for (_, future), result in zip(admits, results, strict=True):
             if isinstance(result, Grant):
-                self._register(result.epoch)
+                self._live[(result.epoch, result.ticket)] = result
             if not future.done():
                 future.set_result(result)
             elif isinstance(result, Grant):  # its request went away while waiting: void it
                 self.settle(result, 0, 0, counted=False)
+        self._register(epoch)
         return True
 
     def _register(self, epoch: str) -> None:
-        """Give the limiter incarnation ``epoch`` this replica's handle, once."""
+        """Give the limiter incarnation ``epoch`` this replica's handle and its live holds,
+        once."""
         if self.owner is None or epoch == self._registered:
             return
         if self._registering is None or self._registering.done():
@@ -211,8 +220,9 @@ class LimiterClient:
 
     async def _send_handle(self) -> None:
         assert self.owner is not None
+        owner, handle, _ = self.owner
         with contextlib.suppress(ServiceUnavailable):
-            self._registered = await self.call("register", *self.owner)
+            self._registered = await self.call("register", owner, handle, list(self._live))
 
     def _requeue(self, settles: list[tuple[Settlement, asyncio.Future[bool]]]) -> None:
         now = time.monotonic()
@@ -255,11 +265,13 @@ def get_or_create_limiter(
     plans_path: str,
     options: dict[str, Any] | None = None,
     node_resource: str | None = None,
+    name: str = limiter_mod.ACTOR_NAME,
 ) -> Any:
-    """The cluster's limiter actor, created on first use (detached, restarted on death)."""
+    """The cluster's limiter actor ``name``, created on first use (detached, restarted on
+    death)."""
     actor_cls = ray.remote(limiter_mod.Limiter)
     return actor_cls.options(
-        name=limiter_mod.ACTOR_NAME,
+        name=name,
         namespace=limiter_mod.NAMESPACE,
         lifetime="detached",
         get_if_exists=True,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 MAX_KEY_CHARS = 255
@@ -58,7 +59,7 @@ class InProgress:
 @dataclass
 class Entry:
     fingerprint: str  # of the request (endpoint and body): a different one under the key is a 400
-    ticket: int | None  # the attempt running, None once answered
+    ticket: Hashable | None  # the attempt running (its hold), None once answered
     answer: Answer | None = None
     expires: float = 0.0
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -84,7 +85,7 @@ class Answers:
         self.bytes = 0
         self.configure(ttl_s, max_mb)
         self.entries: collections.OrderedDict[Ident, Entry] = collections.OrderedDict()
-        self.running: dict[int, Ident] = {}  # ticket -> its entry
+        self.running: dict[Hashable, Ident] = {}  # the running attempt's hold -> its entry
         self.replayed = 0
 
     def __len__(self) -> int:
@@ -103,12 +104,12 @@ class Answers:
             return None
         return entry
 
-    def begin(self, ident: Ident, fingerprint: str, ticket: int) -> None:
+    def begin(self, ident: Ident, fingerprint: str, ticket: Hashable) -> None:
         """An admitted first attempt."""
         self.entries[ident] = Entry(fingerprint, ticket)
         self.running[ticket] = ident
 
-    def finish(self, ticket: int, answer: Answer | None, now: float) -> None:
+    def finish(self, ticket: Hashable, answer: Answer | None, now: float) -> None:
         """The attempt ``ticket`` ended: keep its answer (a 200 small enough), else forget it.
         Whoever waits on it asks again."""
         ident = self.running.pop(ticket, None)

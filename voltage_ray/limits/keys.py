@@ -1,4 +1,5 @@
-"""The API key store: SQLite, holding only a SHA-256 hash of each key.
+"""The API key store: the service's database (SQLite or PostgreSQL, ``limits/db.py``), holding
+only a SHA-256 hash of each key.
 
 A key reads ``vr_<id>_<secret>``. The id is public (it names the key in listings and logs); the
 secret never leaves the caller. A lookup finds the row by id, then compares the hash of the
@@ -6,7 +7,9 @@ presented key with the stored one using :func:`hmac.compare_digest` (constant ti
 
 Triggers log every change to a key (created, revoked, edited or deleted by any process: the CLI,
 the service, plain SQL) in ``key_changes`` under an increasing sequence number, so a reader that
-remembers the last number it saw reads only what changed since (:meth:`KeyStore.changes`).
+remembers the last number it saw reads only what changed since (:meth:`KeyStore.changes`). On
+PostgreSQL the trigger first takes a transaction-wide advisory lock, so the numbers are given in
+commit order (a sequence alone can commit 11 before 10, and a reader at 11 would never see 10).
 """
 
 from __future__ import annotations
@@ -15,19 +18,18 @@ import hashlib
 import hmac
 import re
 import secrets
-import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+
+from voltage_ray.limits.db import Database
 
 PREFIX = "vr"
 # vr_ + 12 hex digits (token_hex(6)) + _ + the secret (token_urlsafe(32): 43 characters; older or
 # hand-made secrets may differ in length, never in alphabet).
 KEY_PATTERN = re.compile(r"vr_([0-9a-f]{12})_[A-Za-z0-9_-]{16,128}")
 
-_SCHEMA = """
+_SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL DEFAULT '',
@@ -35,17 +37,43 @@ CREATE TABLE IF NOT EXISTS api_keys (
     key_hash TEXT NOT NULL,
     created_at REAL NOT NULL,
     revoked_at REAL
-);
+);;
 CREATE TABLE IF NOT EXISTS key_changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     key_id TEXT NOT NULL
-);
+);;
 CREATE TRIGGER IF NOT EXISTS api_keys_inserted AFTER INSERT ON api_keys
-BEGIN INSERT INTO key_changes (key_id) VALUES (NEW.id); END;
+BEGIN INSERT INTO key_changes (key_id) VALUES (NEW.id); END;;
 CREATE TRIGGER IF NOT EXISTS api_keys_updated AFTER UPDATE ON api_keys
-BEGIN INSERT INTO key_changes (key_id) VALUES (NEW.id); END;
+BEGIN INSERT INTO key_changes (key_id) VALUES (NEW.id); END;;
 CREATE TRIGGER IF NOT EXISTS api_keys_deleted AFTER DELETE ON api_keys
-BEGIN INSERT INTO key_changes (key_id) VALUES (OLD.id); END;
+BEGIN INSERT INTO key_changes (key_id) VALUES (OLD.id); END;;
+"""
+_POSTGRES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL DEFAULT '',
+    plan TEXT NOT NULL,
+    key_hash TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    revoked_at DOUBLE PRECISION
+);;
+CREATE TABLE IF NOT EXISTS key_changes (
+    seq BIGSERIAL PRIMARY KEY,
+    key_id TEXT NOT NULL
+);;
+CREATE OR REPLACE FUNCTION voltage_key_changed() RETURNS trigger AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(7370011);
+    IF TG_OP = 'DELETE' THEN
+        INSERT INTO key_changes (key_id) VALUES (OLD.id);
+        RETURN OLD;
+    END IF;
+    INSERT INTO key_changes (key_id) VALUES (NEW.id);
+    RETURN NEW;
+END $$ LANGUAGE plpgsql;;
+CREATE OR REPLACE TRIGGER api_keys_changed AFTER INSERT OR UPDATE OR DELETE ON api_keys
+FOR EACH ROW EXECUTE FUNCTION voltage_key_changed();;
 """
 _COLUMNS = "id, name, plan, created_at, revoked_at, key_hash"
 
@@ -95,52 +123,32 @@ class KeyUpdate:
     removed: tuple[str, ...] = ()  # ids of deleted keys
 
 
-def connect(path: str | Path) -> sqlite3.Connection:
-    """A connection in WAL mode, shared safely by the service and the CLI."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(str(path), timeout=10.0, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA busy_timeout=10000")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    return conn
-
-
 class KeyStore:
-    """Create, list, revoke and verify keys in one SQLite database."""
+    """Create, list, revoke and verify keys in the service's database (a path or a DSN)."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.conn = connect(self.path)
-        self.conn.executescript(_SCHEMA)
-        # Change number 1 marks the start of the log (a database from before it included), so
-        # a reader at 1 or above reads changes only.
-        self.conn.execute(
-            "INSERT INTO key_changes (key_id) "
-            "SELECT '' WHERE NOT EXISTS (SELECT 1 FROM key_changes)"
-        )
-        with suppress(OSError):
-            self.path.chmod(0o600)
+    def __init__(self, location: str | Path) -> None:
+        self.db = Database(location)
+        self.path = self.db.location  # the database's identity, for key-change readers
+        with self.db.transaction() as db:
+            if db.dialect == "postgres":  # two processes creating the schema at once
+                db.execute("SELECT pg_advisory_xact_lock(7370010)")
+            db.schema(_SQLITE_SCHEMA, _POSTGRES_SCHEMA)
+            # Change number 1 marks the start of the log (a database from before it
+            # included), so a reader at 1 or above reads changes only.
+            db.execute(
+                "INSERT INTO key_changes (key_id) "
+                "SELECT '' WHERE NOT EXISTS (SELECT 1 FROM key_changes)"
+            )
 
     def close(self) -> None:
-        self.conn.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.conn
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
+        self.db.close()
 
     def create(self, plan: str, name: str = "") -> tuple[KeyRecord, str]:
         """Store a new key's hash; return the record and the key (shown once, never stored)."""
         key_id = secrets.token_hex(6)
         key = f"{PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
         record = KeyRecord(key_id, name, plan, time.time(), None, hash_key(key))
-        with self._tx() as tx:
+        with self.db.transaction() as tx:
             tx.execute(
                 "INSERT INTO api_keys (id, name, plan, key_hash, created_at) VALUES (?,?,?,?,?)",
                 (record.id, record.name, record.plan, record.key_hash, record.created_at),
@@ -148,9 +156,7 @@ class KeyStore:
         return record, key
 
     def get(self, key_id: str) -> KeyRecord | None:
-        row = self.conn.execute(
-            f"SELECT {_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)
-        ).fetchone()
+        row = self.db.one(f"SELECT {_COLUMNS} FROM api_keys WHERE id = ?", (key_id,))
         return KeyRecord(*row) if row else None
 
     def changes(self, since: int) -> KeyUpdate:
@@ -159,15 +165,17 @@ class KeyStore:
         never for display."""
         # NOTE: the number is read before the rows, so a change racing this read is seen again
         # next time rather than missed (applying a record twice is harmless).
-        seq = int(self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM key_changes").fetchone()[0])
-        source = str(self.path)
+        found_seq = self.db.one("SELECT COALESCE(MAX(seq), 0) FROM key_changes")
+        seq = int(found_seq[0]) if found_seq else 0
+        source = self.path
         if since <= 0 or since > seq:
-            rows = self.conn.execute(f"SELECT {_COLUMNS} FROM api_keys").fetchall()
+            rows = self.db.all(f"SELECT {_COLUMNS} FROM api_keys")
             return KeyUpdate(source, seq, True, tuple(KeyRecord(*row) for row in rows))
         ids = [
             str(row[0])
-            for row in self.conn.execute(
-                "SELECT DISTINCT key_id FROM key_changes WHERE seq > ?", (since,)
+            for row in self.db.all(
+                "SELECT key_id FROM key_changes WHERE seq > ? GROUP BY key_id ORDER BY MIN(seq)",
+                (since,),
             )
         ]
         records = tuple(r for r in map(self.get, ids) if r is not None)
@@ -175,13 +183,14 @@ class KeyStore:
         return KeyUpdate(source, seq, False, records, tuple(i for i in ids if i not in found))
 
     def list(self) -> list[KeyRecord]:
-        rows = self.conn.execute(
+        rows = self.db.all(
             "SELECT id, name, plan, created_at, revoked_at FROM api_keys ORDER BY created_at"
-        ).fetchall()
+        )
         return [KeyRecord(*row) for row in rows]
 
     def count(self) -> int:
-        return int(self.conn.execute("SELECT COUNT(*) FROM api_keys").fetchone()[0])
+        row = self.db.one("SELECT COUNT(*) FROM api_keys")
+        return int(row[0]) if row else 0
 
     def resolve(self, key_or_id: str) -> KeyRecord | None:
         """A record from a full key (verified) or from a key id."""
@@ -197,7 +206,7 @@ class KeyStore:
         record = self.resolve(key_or_id)
         if record is None:
             return None
-        with self._tx() as tx:
+        with self.db.transaction() as tx:
             tx.execute(
                 "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
                 (time.time(), record.id),

@@ -1,22 +1,26 @@
 """The shared limiter actor: one named, async Ray actor that every ingress replica calls.
 
-It owns the SQLite database (keys and usage) and the plans, so that every decision about a key is
-made in one place for the whole cluster, not per replica. Admission is one call that checks the
-key is live, checks every limit and takes everything the request needs, under the write lock of
-an ``aiorwlock.RWLock`` with no ``await`` inside the critical section: concurrent admissions are
-serialized, so limits are exact. Settlements arrive in batches and may arrive late (even at a
-restarted actor); each carries what it reserved, so nothing depends on the actor's memory alone.
+It owns the database (keys, usage and holds: SQLite or PostgreSQL, ``limits/db.py``) and the
+plans, so that every decision about a key is made in one place for the whole cluster, not per
+replica. Admission is one call that checks the key is live, checks every limit and takes
+everything the request needs, under the write lock of an ``aiorwlock.RWLock`` with no ``await``
+inside the critical section: concurrent admissions are serialized, so limits are exact.
 
-Usage is written to the database by group commit every ``flush_interval_s`` (at most 1 s) and on
-shutdown. The actor is detached and restarted by Ray when it dies (``max_restarts=-1``); a new
-incarnation reloads usage, windows and outstanding reservations from the database on first use.
+**Acknowledged means durable.** Every admission, settlement and void is committed to the
+database before the limiter answers it (``limits/journal.py``: a group commit shared by the
+callers of a short window). A killed limiter, or its node lost with its disk, loses nothing it
+acknowledged: a restarted incarnation reloads usage, windows and every outstanding hold (with
+the ingress replica holding it), so a late settlement releases exactly its hold, a request's
+concurrency place survives, and a hold whose request was settled is never charged. The actor is
+detached and restarted by Ray when it dies (``max_restarts=-1``).
 
 Keys are checked in the ingress replicas, against copies they keep fresh with
-:meth:`key_changes`; an
-admission checks the key again (revoked keys are refused here within 2 s). Each admission records
-the ingress replica that holds it: the holds of a replica Ray reports dead are voided
-(``limits/owners.py``). Requests sent with an ``Idempotency-Key`` are answered and billed once
-however often they come (``limits/idempotency.py``).
+:meth:`key_changes`; an admission checks the key again (revoked keys are refused here within 2 s).
+Each admission records the ingress replica that holds it: the holds of a replica Ray reports dead
+are voided (``limits/owners.py``), and a replica that registers with a new incarnation names the
+holds it still has, so the others (admissions whose answer was lost with the old incarnation)
+are voided too. Requests sent with an ``Idempotency-Key`` are answered and billed once however
+often they come (``limits/idempotency.py``; kept answers live in memory: a restart forgets them).
 """
 
 from __future__ import annotations
@@ -47,10 +51,13 @@ from voltage_ray.errors import (
 )
 from voltage_ray.limits import quota
 from voltage_ray.limits import usage as usage_db
+from voltage_ray.limits.db import Database
 from voltage_ray.limits.idempotency import Answer, Answers, InProgress, Replay
-from voltage_ray.limits.keys import KeyRecord, KeyStore, KeyUpdate, connect
+from voltage_ray.limits.journal import Dirty, Journal
+from voltage_ray.limits.keys import KeyRecord, KeyStore, KeyUpdate
 from voltage_ray.limits.owners import Owners
 from voltage_ray.limits.plans import Plan, load_plans
+from voltage_ray.limits.usage import Changes, HoldId, HoldRow
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +68,7 @@ PLANS_RELOAD_S = 2.0
 OWNER_CHECK_S = 2.0  # how often the ingress replicas holding admissions are asked if alive
 OWNER_PING_TIMEOUT_S = 5.0
 DEFAULT_OPTIONS: dict[str, Any] = {
-    "flush_interval_s": 0.5,
+    "flush_interval_s": 0.5,  # how often expiries are looked for (and written)
     "reservation_ttl_s": 1800.0,
     "idempotency_ttl_s": 86400.0,
     "idempotency_max_mb": 64,
@@ -111,6 +118,34 @@ Admitted = Grant | VoltageError | Replay | InProgress
 Idem = tuple[str, str]  # a request's Idempotency-Key and its fingerprint
 
 
+@dataclass
+class Held:
+    """An outstanding admission: whose, what it holds, until when, and which ingress replica
+    holds it."""
+
+    key_id: str
+    hold: quota.Hold
+    deadline: float
+    owner: str
+    owner_name: str = ""
+
+    def row(self, hold: HoldId) -> HoldRow:
+        h = self.hold
+        return HoldRow(
+            *hold, self.key_id, h.period, h.tokens, h.images, self.owner, self.owner_name,
+            self.deadline,
+        )  # fmt: skip
+
+
+def exit_now(exc: BaseException) -> None:
+    """A group commit failed: memory is ahead of the database, so stop; Ray restarts the actor
+    from what is on disk (every answer given was). Outside an actor the error propagates."""
+    import ray
+
+    if ray.is_initialized() and ray.get_runtime_context().get_actor_id():
+        os._exit(1)
+
+
 class Limiter:
     """Authenticates keys, admits requests against their plans, and records usage."""
 
@@ -123,37 +158,45 @@ class Limiter:
         self._plans_mtime = self._mtime()
         self._plans_checked = time.monotonic()
         self.lock = aiorwlock.RWLock(fast=True)  # no yield after acquiring: sections never await
-        self._flush_mutex: asyncio.Lock | None = None
-        self._flusher: asyncio.Task[None] | None = None
+        self.lost = exit_now  # what a failed group commit does (tests replace it)
+        self._expirer: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self.calls: collections.Counter[str] = collections.Counter()  # by method, for info()
         self.decided: collections.Counter[int] = collections.Counter()  # admissions by status
         self.draining = False  # set by drain(): admissions are refused with a 503
         self._open(db_path)
-        atexit.register(self._flush_sync)
+        atexit.register(self._write_now)
 
     def _open(self, db_path: str) -> None:
-        """(Re)start from a database: fresh in-memory state, loaded lazily from its rows."""
+        """(Re)start from a database: every outstanding hold reloaded, usage loaded lazily."""
         self.db_path = db_path
         self.store = KeyStore(db_path)
-        usage_db.ensure_schema(self.store.conn)
-        self._writer = connect(db_path)  # used only by flushes, off the event loop
+        usage_db.ensure_schema(self.store.db)
+        writer = Database(db_path)  # used only by group commits, off the event loop
+        self.journal = Journal(writer, self.lock, self._snapshot, lambda e: self.lost(e))
         self.epoch = uuid.uuid4().hex
         self._tickets = itertools.count(1)
         self._records: dict[str, tuple[float, KeyRecord | None]] = {}
         self.keys: dict[str, quota.KeyState] = {}
         self.usages: dict[tuple[str, str], quota.Usage] = {}
-        self.holds: dict[int, tuple[str, quota.Hold, float, str]] = {}  # key, hold, TTL, owner
+        self.holds: dict[HoldId, Held] = {}
         self.owners = Owners()
-        self.voided = 0  # holds of dead ingress replicas
+        self.voided = 0  # holds of dead ingress replicas, or that their replica did not know
         self.answers = Answers(
             self.options["idempotency_ttl_s"], self.options["idempotency_max_mb"]
         )
-        self._orphan_deadlines: dict[tuple[str, str], float] = {}
-        self._dirty_usage: set[tuple[str, str]] = set()
-        self._dirty_windows: set[str] = set()
         self._windowed: set[str] = set()
         self._period, self._period_from, self._period_end = "", 0.0, 0.0
+        restored = usage_db.load_holds(self.store.db)
+        for row in restored:
+            self.holds[row.id] = Held(
+                row.key_id, quota.Hold(row.period, row.tokens, row.images), row.deadline,
+                row.owner, row.owner_name,
+            )  # fmt: skip
+            self.owners.hold(row.owner, row.id, row.owner_name, restored=True)
+        self._in_flight = usage_db.outstanding(restored)  # until each key's state loads
+        if restored:
+            logger.info("limiter restarted with %d outstanding holds", len(restored))
         self._bootstrap_key()
 
     # --- configuration -----------------------------------------------------------------------
@@ -162,7 +205,9 @@ class Limiter:
         self, db_path: str, plans_path: str, options: dict[str, Any] | None = None
     ) -> None:
         """Point a surviving actor at the app's current database, plans and options."""
-        self._start_flusher()
+        self._start_tasks()
+        if db_path != self.db_path:
+            await self.flush()
         async with self.lock.writer_lock:
             self.draining = False  # a new deploy on a cluster whose last service drained
             self.options = {**DEFAULT_OPTIONS, **(options or {})}
@@ -170,9 +215,8 @@ class Limiter:
                 self.options["idempotency_ttl_s"], self.options["idempotency_max_mb"]
             )
             if db_path != self.db_path:
-                self._flush_sync()
                 self.store.close()
-                self._writer.close()
+                self.journal.db.close()
                 self._open(db_path)
             if plans_path != self.plans_path:
                 self.plans_path = plans_path
@@ -245,19 +289,37 @@ class Limiter:
         """The keys changed since change ``since`` of database ``source`` (every key when the
         database is another one): what an ingress replica needs to check keys by itself."""
         self.calls["key_changes"] += 1
-        update = self.store.changes(since if source == str(self.store.path) else 0)
+        update = self.store.changes(since if source == self.store.path else 0)
         if not update.full:  # admissions see a revocation at once
             for key_id in [*(r.id for r in update.records), *update.removed]:
                 self._records.pop(key_id, None)
         return update
 
-    async def register(self, owner: str, handle: Any) -> str:
+    async def register(self, owner: str, handle: Any, live: list[HoldId] | None = None) -> str:
         """An ingress replica (``owner``, its actor id) gives its handle, so that its holds can
-        be voided once Ray reports it dead. Returns this incarnation's epoch: a replica whose
-        grants come from another epoch registers again."""
+        be voided once Ray reports it dead, and ``live``: the holds it still has. A hold of an
+        earlier incarnation that it does not name was admitted but never answered (the answer
+        was lost with that incarnation): it is voided. Returns this incarnation's epoch: a
+        replica whose grants come from another epoch registers again."""
         self.calls["register"] += 1
-        self._start_flusher()
+        self._start_tasks()
         self.owners.register(owner, handle)
+        if live is not None:
+            known = set(map(tuple, live))
+            async with self.lock.writer_lock:
+                unknown = [
+                    hold
+                    for hold in self.owners.tickets.get(owner, set())
+                    if hold[0] != self.epoch and hold not in known  # type: ignore[index]
+                ]
+                for hold in unknown:
+                    self._void(hold)  # type: ignore[arg-type]
+                change = self.journal.changes
+            if unknown:
+                logger.warning(
+                    "voided %d holds that replica %s never answered", len(unknown), owner
+                )
+            await self.journal.durable(change)
         return self.epoch
 
     # --- admission and settlement ------------------------------------------------------------
@@ -270,41 +332,54 @@ class Limiter:
         images: int,
         idem: Idem | None = None,
         owner: str = "",
+        owner_name: str = "",
     ) -> Admitted:
         """Take a request slot and reserve ``tokens``/``images`` for a live key, or say why not.
 
         Refusals are returned, not raised: a flood of 429s stays cheap (no remote traceback).
         A request with an Idempotency-Key (``idem``) seen before gets its kept answer
         (:class:`Replay`) or is told to wait for its first attempt (:class:`InProgress`).
+        Answered once the admission is on disk.
         """
         self.calls["admit"] += 1
-        self._start_flusher()
+        self._start_tasks()
         async with self.lock.writer_lock:
             self._maybe_reload_plans()
-            return self._admit_one(key_id, models, tokens, images, idem, owner)
+            result = self._admit_one(key_id, models, tokens, images, idem, owner, owner_name)
+            change = self.journal.changes
+        await self.journal.durable(change)
+        return result
 
     async def settle(self, settlements: list[Settlement]) -> None:
-        """Account actual usage and release reservations (a batch; each settles once)."""
+        """Account actual usage and release reservations (a batch; each settles once).
+        Returns once the settlements are on disk."""
         self.calls["settle"] += 1
         async with self.lock.writer_lock:
             for s in settlements:
                 self._settle_one(s)
+            change = self.journal.changes
+        await self.journal.durable(change)
 
     async def exchange(
         self,
         settlements: list[Settlement],
         admissions: list[tuple[str, tuple[str, ...], int, int, Idem | None]],
         owner: str = "",
-    ) -> list[Admitted]:
-        """One round trip for an ingress replica (``owner``): settle a batch, then admit a batch
-        in order."""
+        owner_name: str = "",
+    ) -> tuple[str, list[Admitted]]:
+        """One round trip for an ingress replica (``owner``; ``owner_name``: ``namespace/name``
+        to find it again after a restart): settle a batch, then admit a batch in order. Answers
+        (this incarnation's epoch and the admissions) once all of it is on disk."""
         self.calls["exchange"] += 1
-        self._start_flusher()
+        self._start_tasks()
         async with self.lock.writer_lock:
             self._maybe_reload_plans()
             for s in settlements:
                 self._settle_one(s)
-            return [self._admit_one(*a, owner) for a in admissions]
+            results = [self._admit_one(*a, owner, owner_name) for a in admissions]
+            change = self.journal.changes
+        await self.journal.durable(change)
+        return self.epoch, results
 
     async def wait_answer(self, key_id: str, key: str, timeout_s: float) -> None:
         """Return once the running attempt of ``key`` ends (or after ``timeout_s``)."""
@@ -322,9 +397,10 @@ class Limiter:
         images: int,
         idem: Idem | None = None,
         owner: str = "",
+        owner_name: str = "",
     ) -> Admitted:
         # NOTE: called under the write lock and never awaits: each admission is atomic.
-        result = self._decide(key_id, models, tokens, images, idem, owner)
+        result = self._decide(key_id, models, tokens, images, idem, owner, owner_name)
         if isinstance(result, Grant | VoltageError):
             self.decided[200 if isinstance(result, Grant) else result.status] += 1
         return result
@@ -337,6 +413,7 @@ class Limiter:
         images: int,
         idem: Idem | None,
         owner: str,
+        owner_name: str,
     ) -> Admitted:
         if self.draining:
             return ServiceUnavailable(
@@ -363,14 +440,18 @@ class Limiter:
         if isinstance(result, quota.Denial):
             return _error(result, quota.headers(plan, state, usage, ask, now, month_end))
         ticket = next(self._tickets)
-        self.holds[ticket] = (key_id, result, now + self.options["reservation_ttl_s"], owner)
-        self.owners.hold(owner, ticket)
+        hold = (self.epoch, ticket)
+        held = Held(key_id, result, now + self.options["reservation_ttl_s"], owner, owner_name)
+        self.holds[hold] = held
+        self.owners.hold(owner, hold, owner_name)
         if idem is not None:
-            self.answers.begin((key_id, idem[0]), idem[1], ticket)
-        self._dirty_usage.add((key_id, period))
+            self.answers.begin((key_id, idem[0]), idem[1], hold)
+        self.journal.changed()
+        self.journal.dirty.add_hold(held.row(hold))
+        self.journal.dirty.usage.add((key_id, period))
         if plan.requests_per_minute is not None or plan.tokens_per_minute is not None:
             self._windowed.add(key_id)  # its windows matter after a restart: persist them
-            self._dirty_windows.add(key_id)
+            self.journal.dirty.windows.add(key_id)
         else:
             self._windowed.discard(key_id)
         headers = quota.headers(plan, state, usage, ask, now, month_end)
@@ -407,39 +488,40 @@ class Limiter:
             return _error(denial, {})
         if plan.requests_per_minute is not None:
             state.requests.add(now, 1)
-            self._dirty_windows.add(key_id)
+            self.journal.changed()
+            self.journal.dirty.windows.add(key_id)
         self.answers.replayed += 1
         return Replay(entry.answer)
 
     def _settle_one(self, s: Settlement) -> None:
-        if s.epoch == self.epoch:
-            entry = self.holds.pop(s.ticket, None)
-            if entry is None:  # already settled, voided, or expired and charged in full
-                return
-            self._release(s.ticket, entry, s.tokens, s.images, s.counted)
-            self.answers.finish(s.ticket, s.answer, time.time())
-        else:  # admitted by an earlier incarnation: release its restored hold
-            hold = quota.Hold(s.period, s.reserved_tokens, s.reserved_images)
-            usage = self._usage(s.key_id, s.period)
-            quota.release_orphan(usage, hold, s.tokens, s.images, s.counted)
-            self._dirty_usage.add((s.key_id, s.period))
+        hold = (s.epoch, s.ticket)
+        held = self.holds.pop(hold, None)
+        if held is None:  # already settled, voided, or expired and charged in full
+            return
+        self._release(hold, held, s.tokens, s.images, s.counted)
+        self.answers.finish(hold, s.answer, time.time())
+
+    def _void(self, hold: HoldId) -> None:
+        """An admission never answered: nothing billed, the request given back."""
+        held = self.holds.pop(hold, None)
+        if held is not None:
+            self._release(hold, held, 0, 0, counted=False)
+            self.answers.finish(hold, None, 0.0)  # a repeat runs afresh
+            self.voided += 1
 
     def _release(
-        self,
-        ticket: int,
-        entry: tuple[str, quota.Hold, float, str],
-        tokens: int,
-        images: int,
-        counted: bool = True,
+        self, hold: HoldId, held: Held, tokens: int, images: int, counted: bool = True
     ) -> None:
         """Settle a hold already taken out of ``holds``."""
-        key_id, hold, _, owner = entry
-        self.owners.release(owner, ticket)
-        state = self.keys.get(key_id)
-        quota.release(state, self._usage(key_id, hold.period), hold, tokens, images, counted)
-        if key_id in self._windowed and (hold.token_entry is not None or not counted):
-            self._dirty_windows.add(key_id)
-        self._dirty_usage.add((key_id, hold.period))
+        self.owners.release(held.owner, hold)
+        state = self._state(held.key_id, time.time())
+        usage = self._usage(held.key_id, held.hold.period)
+        quota.release(state, usage, held.hold, tokens, images, counted)
+        self.journal.changed()
+        self.journal.dirty.drop_hold(hold)
+        if held.key_id in self._windowed and (held.hold.token_entry is not None or not counted):
+            self.journal.dirty.windows.add(held.key_id)
+        self.journal.dirty.usage.add((held.key_id, held.hold.period))
 
     def _calendar(self, now: float) -> tuple[str, float]:
         """The current period and its end, recomputed only when ``now`` leaves it."""
@@ -451,45 +533,36 @@ class Limiter:
     def _state(self, key_id: str, now: float) -> quota.KeyState:
         state = self.keys.get(key_id)
         if state is None:
-            state = self.keys[key_id] = usage_db.load_state(self.store.conn, key_id, now)
+            state = self.keys[key_id] = usage_db.load_state(self.store.db, key_id, now)
+            state.in_flight = self._in_flight.pop(key_id, 0)  # its holds restored at start
         return state
 
     def _usage(self, key_id: str, period: str) -> quota.Usage:
         usage = self.usages.get((key_id, period))
         if usage is None:
-            usage = usage_db.load_usage(self.store.conn, key_id, period)
+            usage = usage_db.load_usage(self.store.db, key_id, period)
             self.usages[(key_id, period)] = usage
-            if usage.orphan_tokens or usage.orphan_images:
-                deadline = time.time() + self.options["reservation_ttl_s"]
-                self._orphan_deadlines[(key_id, period)] = deadline
         return usage
 
     def _expire(self, now: float) -> None:
-        """Charge in full the reservations whose requests never settled (their ingress died)."""
-        for ticket, entry in list(self.holds.items()):
-            key_id, hold, deadline, _ = entry
-            if deadline <= now:
-                del self.holds[ticket]
-                self._release(ticket, entry, hold.tokens, hold.images)
-                self.answers.finish(ticket, None, now)
-                logger.warning("reservation %s of key %s expired unsettled", ticket, key_id)
+        """Charge in full the reservations whose requests never settled (their ingress died
+        unseen): an upper bound of what they used, so the quota is never exceeded."""
+        for hold, held in list(self.holds.items()):
+            if held.deadline <= now:
+                del self.holds[hold]
+                self._release(hold, held, held.hold.tokens, held.hold.images)
+                self.answers.finish(hold, None, now)
+                logger.warning("reservation %s of key %s expired unsettled", hold, held.key_id)
         self.answers.expire(now)
-        for ident, deadline in list(self._orphan_deadlines.items()):
-            if deadline <= now:
-                del self._orphan_deadlines[ident]
-                usage = self.usages.get(ident)  # None: forgotten, its holds all released
-                if usage is not None and (usage.orphan_tokens or usage.orphan_images):
-                    quota.expire_orphans(usage)
-                    self._dirty_usage.add(ident)
 
     # --- durability --------------------------------------------------------------------------
 
-    def _start_flusher(self) -> None:
-        if self._flusher is None or self._flusher.done():
-            self._flush_mutex = asyncio.Lock()
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+    def _start_tasks(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._expirer is None or self._expirer.done():
+            self._expirer = loop.create_task(self._expire_loop())
         if self._watcher is None or self._watcher.done():
-            self._watcher = asyncio.get_running_loop().create_task(self._watch_loop())
+            self._watcher = loop.create_task(self._watch_loop())
 
     async def _watch_loop(self) -> None:
         while True:
@@ -505,79 +578,66 @@ class Limiter:
         voided = 0
         for owner in await self.owners.dead(OWNER_PING_TIMEOUT_S):
             async with self.lock.writer_lock:
-                entries = [(t, self.holds.pop(t, None)) for t in self.owners.forget(owner)]
-                for ticket, entry in entries:
-                    if entry is not None:
-                        self._release(ticket, entry, 0, 0, counted=False)
-                        self.answers.finish(ticket, None, 0.0)  # a repeat runs afresh
-            held = sum(entry is not None for _, entry in entries)
-            logger.warning("ingress replica %s died: voided its %d unanswered holds", owner, held)
-            voided += held
-        self.voided += voided
+                holds = [h for h in self.owners.forget(owner) if h in self.holds]
+                for hold in holds:
+                    self._void(hold)
+                change = self.journal.changes
+            await self.journal.durable(change)
+            logger.warning(
+                "ingress replica %s died: voided its %d unanswered holds", owner, len(holds)
+            )
+            voided += len(holds)
         return voided
 
-    async def _flush_loop(self) -> None:
+    async def _expire_loop(self) -> None:
         while True:
             await asyncio.sleep(self.options["flush_interval_s"])
             try:
                 await self.flush()
             except Exception:
-                logger.exception("usage flush failed; retrying")
+                logger.exception("expiring reservations failed; retrying")
 
-    def _snapshot(self, now: float) -> tuple[list[tuple[str, quota.Usage]], list[Any]]:
-        """Copies of the changed rows; marks them clean."""
-        current = quota.period_of(now)
-        usages = [(k, dataclasses.replace(self.usages[(k, p)])) for k, p in self._dirty_usage]
+    def _snapshot(self, dirty: Dirty) -> Changes:
+        """The rows that changed (copies), for the journal; marks them clean."""
+        now = time.time()
+        usages = [(k, dataclasses.replace(self.usages[(k, p)])) for k, p in dirty.usage]
         windows = [
             usage_db.WindowRow(k, self.keys[k].requests.dump(), self.keys[k].tokens.dump())
-            for k in self._dirty_windows
+            for k in dirty.windows
             if k in self.keys
         ]
-        self._dirty_usage.clear()
-        self._dirty_windows.clear()
+        changes = Changes(usages, windows, list(dirty.new_holds.values()), list(dirty.gone_holds))
+        dirty.usage.clear()
+        dirty.windows.clear()
+        dirty.new_holds.clear()
+        dirty.gone_holds.clear()
         # Forget settled-up past periods (late settlements reload them from the database).
+        current = quota.period_of(now)
         for ident, u in list(self.usages.items()):
             if ident[1] != current and not (u.reserved_tokens or u.reserved_images):
                 del self.usages[ident]
-        return usages, windows
+        return changes
 
     async def flush(self) -> int:
-        """Group commit: write every changed row in one transaction. Returns the rows written."""
-        self._start_flusher()
-        assert self._flush_mutex is not None
-        async with self._flush_mutex:
-            now = time.time()
-            async with self.lock.writer_lock:
-                self._expire(now)
-                usages, windows = self._snapshot(now)
-            if not usages and not windows:
-                return 0
-            try:
-                await asyncio.to_thread(usage_db.write, self._writer, usages, windows, now)
-            except BaseException:
-                async with self.lock.writer_lock:  # write them again next time
-                    self._dirty_usage.update((k, u.period) for k, u in usages)
-                    self._dirty_windows.update(w.key_id for w in windows)
-                raise
-            return len(usages) + len(windows)
+        """Expire overdue reservations, and return once everything decided is on disk (the
+        number of group commits so far)."""
+        self._start_tasks()
+        async with self.lock.writer_lock:
+            self._expire(time.time())
+            change = self.journal.changes
+        await self.journal.durable(change)
+        return self.journal.commits
 
-    def _flush_sync(self) -> None:
-        """Last write on the way out (graceful exit, interpreter exit)."""
-        if not self._dirty_usage and not self._dirty_windows:
-            return
+    def _write_now(self) -> None:
+        """Last write on the way out (interpreter exit): normally nothing is left."""
         try:
-            usages, windows = self._snapshot(time.time())
-            conn = connect(self.db_path)
-            try:
-                usage_db.write(conn, usages, windows)
-            finally:
-                conn.close()
+            self.journal.write_now()
         except Exception:
-            logger.exception("final usage flush failed")
+            logger.exception("final usage write failed")
 
     def __ray_shutdown__(self) -> None:
         """Called by Ray when the actor exits gracefully (``__ray_terminate__``, exit_actor)."""
-        self._flush_sync()
+        self._write_now()
 
     # --- views -------------------------------------------------------------------------------
 
@@ -604,15 +664,18 @@ class Limiter:
         return len(self.holds)
 
     async def info(self) -> dict[str, Any]:
-        """Counters: calls by method, admissions decided by status (200: admitted), holds
-        outstanding, ingress replicas holding them, holds voided."""
+        """Its incarnation and process, and counters: calls by method, admissions decided by
+        status (200: admitted), holds outstanding, ingress replicas holding them, holds voided,
+        group commits."""
         return {
             "epoch": self.epoch,
+            "pid": os.getpid(),
             "calls": dict(self.calls),
             "decided": dict(self.decided),
             "holds": len(self.holds),
             "owners": len(self.owners.tickets),
             "voided": self.voided,
+            "commits": self.journal.commits,
             "idempotent": {
                 "entries": len(self.answers),
                 "bytes": self.answers.bytes,

@@ -141,11 +141,7 @@ class Window:
 
 @dataclass
 class Usage:
-    """One key's usage in one period: settled amounts plus what admitted requests still hold.
-
-    ``orphan_*`` are holds restored from the database after a limiter restart: reservations of
-    requests admitted by the previous incarnation, released when those requests settle.
-    """
+    """One key's usage in one period: settled amounts plus what admitted requests still hold."""
 
     period: str
     requests: int = 0
@@ -153,8 +149,6 @@ class Usage:
     images: int = 0
     reserved_tokens: int = 0
     reserved_images: int = 0
-    orphan_tokens: int = 0
-    orphan_images: int = 0
 
 
 @dataclass
@@ -315,30 +309,6 @@ def release(
             state.tokens.adjust(hold.token_entry, tokens - hold.tokens)
         if not counted and hold.request_entry is not None:
             state.requests.adjust(hold.request_entry, -1)
-
-
-def release_orphan(
-    usage: Usage, hold: Hold, tokens: int, images: int, counted: bool = True
-) -> None:
-    """Settle a request admitted before a limiter restart: release its restored hold."""
-    t = min(hold.tokens, usage.orphan_tokens)
-    i = min(hold.images, usage.orphan_images)
-    usage.orphan_tokens -= t
-    usage.orphan_images -= i
-    release(None, usage, Hold(hold.period, t, i), tokens, images, counted)
-
-
-def expire_orphans(usage: Usage) -> None:
-    """Give up on restored holds whose requests never settled: charge them in full.
-
-    Charging the reservation (an upper bound of what those requests used) keeps the quota from
-    being exceeded; the holds expire only after the reservation TTL.
-    """
-    usage.tokens += usage.orphan_tokens
-    usage.images += usage.orphan_images
-    usage.reserved_tokens = max(0, usage.reserved_tokens - usage.orphan_tokens)
-    usage.reserved_images = max(0, usage.reserved_images - usage.orphan_images)
-    usage.orphan_tokens = usage.orphan_images = 0
 
 
 # --- response headers ---------------------------------------------------------------------------
