@@ -9,15 +9,17 @@ keeps them apart (``--plan pro`` runs them on configs/plans.yaml's pro plan inst
 1. **L alone**: L sends one streamed 32-token chat at a time (greedy), ``--light`` requests:
    its time to first token (TTFT, send to the first content chunk), p50 and p99.
 2. **H alone**: H keeps ``--streams`` (48) streamed 128-token chats open for ``--seconds``: each
-   of its workers sends its next request when the last ended (after a 429 or 503, at once, as
-   the clients of the issue did). H's throughput: content chunks (tokens) received per second
-   over the window.
+   of its workers sends its next request when the last ended (after a 429 or 503, once its
+   ``Retry-After`` has passed, as the OpenAI SDK does; ``--retry-at-once``: at once). H's
+   throughput: content chunks (tokens) received per second over the window.
 3. **H and L**: the same flood, L sending one request at a time through it: L's TTFT and
    failures, H's throughput over the same window.
 
 Per ``--headroom`` setting (``chat.headroom_rows``: 1, a row kept for a key under its fair share;
 0, preemption alone) one app. Prints ratios: L's TTFT p50 under the flood over alone (aim
-<= 5x), L's failures (aim 0), H's throughput with L over without (aim >= 0.9x).
+<= 5x), L's failures (aim 0), H's throughput with L over without (aim >= 0.9x), and the total
+(H's and L's tokens together) with L over H's alone: what the isolation itself costs, since L's
+own tokens take their share of a compute-bound model.
 
     .venv/bin/python benchmarks/tenants.py [--headroom 1,0] [--seconds 40] [--streams 48]
 """
@@ -64,6 +66,7 @@ class Flood:
     chunks: list[float] = field(default_factory=list)  # arrival of each content chunk
     statuses: collections.Counter[int] = field(default_factory=collections.Counter)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    retry_at_once: bool = False
 
     def rate(self, start: float, end: float) -> float:
         """Tokens (content chunks) per second received in [start, end)."""
@@ -97,19 +100,26 @@ async def flood(client: httpx.AsyncClient, key: str, streams: int, out: Flood) -
             out.statuses[status] += 1
             out.chunks += arrivals
             i += 1
+            if status != 200 and not out.retry_at_once:
+                await asyncio.sleep(1.0)  # the Retry-After of a 429 or 503
 
     await asyncio.gather(*(worker(k) for k in range(streams)))
 
 
-async def light(client: httpx.AsyncClient, key: str, n: int) -> tuple[list[float], int]:
-    """L's requests one at a time: TTFTs of the answered, and how many failed."""
+async def light(
+    client: httpx.AsyncClient, key: str, n: int, chunks: list[float] | None = None
+) -> tuple[list[float], int]:
+    """L's requests one at a time: TTFTs of the answered, and how many failed; the arrival of
+    each of its content chunks goes to ``chunks``."""
     ttfts, failed = [], 0
     for _ in range(n):
-        status, ttft, _ = await stream(client, key, body(LIGHT, 32))
+        status, ttft, arrivals = await stream(client, key, body(LIGHT, 32))
         if status == 200 and ttft is not None:
             ttfts.append(ttft)
         else:
             failed += 1
+        if chunks is not None:
+            chunks += arrivals
     return ttfts, failed
 
 
@@ -119,16 +129,17 @@ async def measure(base: str, heavy: str, lite: str, args: argparse.Namespace) ->
         await light(c, lite, 3)  # warm up
         alone, _ = await light(c, lite, args.light)
 
-        async def window(with_light: bool) -> tuple[float, list[float], int, Flood]:
-            out = Flood()
+        async def window(with_light: bool) -> tuple[float, float, list[float], int, Flood]:
+            out = Flood(retry_at_once=args.retry_at_once)
             running = asyncio.ensure_future(flood(c, heavy, args.streams, out))
             await asyncio.sleep(args.ramp)  # the flood fills the model first
             start = time.perf_counter()
             ttfts: list[float] = []
+            mine: list[float] = []  # L's content chunks
             failed = 0
             while time.perf_counter() - start < args.seconds:
                 if with_light:
-                    got, bad = await light(c, lite, 1)
+                    got, bad = await light(c, lite, 1, mine)
                     ttfts += got
                     failed += bad
                 else:
@@ -136,14 +147,16 @@ async def measure(base: str, heavy: str, lite: str, args: argparse.Namespace) ->
             end = time.perf_counter()
             out.stop.set()
             await running
-            return out.rate(start, end), ttfts, failed, out
+            l_rate = sum(start <= t < end for t in mine) / (end - start)
+            return out.rate(start, end), l_rate, ttfts, failed, out
 
-        h_alone, _, _, flood_alone = await window(False)
-        h_with, under, failed, flood_with = await window(True)
+        h_alone, _, _, _, flood_alone = await window(False)
+        h_with, l_rate, under, failed, flood_with = await window(True)
     return {
         "l_alone": alone,
         "l_under": under,
         "l_failed": failed,
+        "l_rate": l_rate,
         "h_alone": h_alone,
         "h_with": h_with,
         "statuses": (dict(flood_alone.statuses), dict(flood_with.statuses)),
@@ -174,6 +187,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=48, help="H's streams")
     parser.add_argument("--light", type=int, default=20, help="L's requests alone")
     parser.add_argument("--plan", default="bench", choices=["bench", "pro"])
+    parser.add_argument("--retry-at-once", action="store_true", help="H ignores Retry-After")
     args = parser.parse_args()
     for headroom in [int(h) for h in args.headroom.split(",")]:
         r = run(headroom, args)
@@ -191,6 +205,11 @@ def main() -> None:
         print(
             f"  H tokens/s: alone {r['h_alone']:6.1f}, with L {r['h_with']:6.1f}   ratio "
             f"{r['h_with'] / r['h_alone']:.3f}x   H statuses {r['statuses']}"
+        )
+        total = r["h_with"] + r["l_rate"]
+        print(
+            f"  H + L tokens/s with L: {total:6.1f} ({r['l_rate']:.1f} of them L's)   over H "
+            f"alone {total / r['h_alone']:.3f}x"
         )
 
 

@@ -130,7 +130,8 @@ def test_a_key_past_its_concurrent_requests_gets_a_429_with_what_is_left(
         }
         with c.stream("POST", CHAT, headers=served.headers(key), json=body) as s:
             assert s.status_code == 200
-            next(line for line in s.iter_lines() if line.startswith("data: {"))
+            lines = s.iter_lines()  # NOTE: kept: a dropped iterator closes the response
+            next(line for line in lines if line.startswith("data: {"))
             plain = {**body, "stream": False, "max_tokens": 1}
             busy = c.post(CHAT, headers=served.headers(key), json=plain)
             details = assert_error(busy, 429, "Rate limit exceeded")
