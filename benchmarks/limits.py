@@ -12,7 +12,9 @@ with limits on against limits off, in one run.
    and limits off (keys still authenticated) at /off, on a key whose plan has real, non-binding
    limits. Its small-request load (wrk, 64 connections, one short input per request) goes to
    each in alternating rounds, so load from elsewhere on the machine hits both alike. Prints
-   each round, the medians, and what the limits cost (aim: <= 10%).
+   each round, the medians, and what the limits cost (aim: <= 10%). First, one request at a
+   time, alternating between the apps: the latency the limits add (admission, then the
+   settlement each answer's last byte waits for), p50.
 """
 
 from __future__ import annotations
@@ -214,6 +216,7 @@ def embeddings(seconds: int, clients: int, rounds: int) -> None:
             assert r.status_code == 200, r.text
             assert ("x-ratelimit-limit-requests" in r.headers) == (mode == "on"), dict(r.headers)
             wrk_load(f"{base}/{mode}", key, clients=clients, seconds=5)
+        one_at_a_time(base, key)
         runs: dict[str, list[float]] = {"on": [], "off": []}
         for i in range(rounds):
             for mode in ("off", "on") if i % 2 == 0 else ("on", "off"):
@@ -230,6 +233,24 @@ def embeddings(seconds: int, clients: int, rounds: int) -> None:
     print(
         f"embeddings: median {on:.1f} req/s with limits, {off:.1f} without: limits cost "
         f"{100 * (1 - on / off):.1f}% of throughput (aim <= 10%)",
+        flush=True,
+    )
+
+
+def one_at_a_time(base: str, key: str, requests: int = 400) -> None:
+    """Latency with no load: requests one after another, alternating limits on and off."""
+    took: dict[str, list[float]] = {"on": [], "off": []}
+    body = {"model": MODEL_NAME, "input": "hello"}
+    with httpx.Client(headers={"X-VoltageGPU-Key": key}, timeout=60) as c:
+        for i in range(requests):
+            mode = ("on", "off")[i % 2]
+            started = time.perf_counter()
+            assert c.post(f"{base}/{mode}/v1/embeddings", json=body).status_code == 200
+            took[mode].append(time.perf_counter() - started)
+    on, off = statistics.median(took["on"]), statistics.median(took["off"])
+    print(
+        f"embeddings, one request at a time: p50 {1000 * on:.2f} ms with limits, "
+        f"{1000 * off:.2f} ms without: limits add {1000 * (on - off):.2f} ms",
         flush=True,
     )
 

@@ -556,7 +556,16 @@ class ImageStoreConfig(_Strict):
         default=None,
         pattern=r"^https?://",
         description="Scheme and host (and path prefix) of image URLs, e.g. "
-        "'https://api.example.com'; default: the host the request was sent to.",
+        "'https://api.example.com'; default: the Host the request was sent to, when that host "
+        "is in allowed_hosts.",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Without public_base_url: the hosts (names or addresses, no port) a "
+        "request's Host header may name for its image URLs to be built from it, beside "
+        "localhost and the node's own names and addresses, which are always allowed. A request "
+        "for URLs with another Host is a 400 (as Django's ALLOWED_HOSTS), so a forged Host "
+        "never ends up in a URL.",
     )
 
 

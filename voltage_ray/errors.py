@@ -146,6 +146,12 @@ class GatewayTimeout(VoltageError):
     default_message = "Model call timed out"
 
 
+def shown(value: str, limit: int = 80) -> str:
+    """A client's string as an error message repeats it: at most ``limit`` characters (a
+    megabyte of model name is not echoed back whole)."""
+    return value if len(value) <= limit else value[:limit] + "..."
+
+
 def unwrap(exc: BaseException) -> BaseException:
     """The original exception behind Ray's wrappers (RayTaskError and friends)."""
     seen = 0

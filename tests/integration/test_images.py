@@ -425,3 +425,18 @@ def test_urls_expire(served: ServedApp, short_ttl_app: str) -> None:
         "error": "Image not found or expired",
         "details": {"status": 404, "endpoint": f"/ttl/v1/images/files/{image_name}"},
     }
+
+
+def test_image_urls_never_name_a_forged_host(served: ServedApp) -> None:
+    """Without public_base_url, a URL is built from the request's Host only when it names this
+    service (localhost, the node's names and addresses, image_store.allowed_hosts): a forged
+    Host is a 400, and asks for b64_json instead; b64_json needs no host at all."""
+    body = {"prompt": "a fox", "size": "256x256", "num_inference_steps": 10}
+    with httpx.Client(base_url=served.base_url, headers=served.headers(), timeout=120) as c:
+        forged = c.post(PATH, json=body, headers={"Host": "evil.example"})
+        assert forged.status_code == 400, forged.text
+        assert forged.json()["details"]["param"] == "Host" and "evil.example" in forged.text
+        b64 = c.post(PATH, json={**body, "response_format": "b64_json"}, headers={"Host": "evil"})
+        assert b64.status_code == 200 and b64.json()["data"][0]["b64_json"]
+        ok = c.post(PATH, json=body)  # 127.0.0.1, the service itself
+        assert ok.status_code == 200 and ok.json()["data"][0]["url"].startswith(served.base_url)

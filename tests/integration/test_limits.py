@@ -429,6 +429,11 @@ def test_settlement_when_the_model_fails_mid_stream(served: ServedApp) -> None:
             ray.kill(replica_actor("chat-tiny-chat"), no_restart=True)
             rest = list(frames)
     assert rest and '"error"' in rest[-1] and "[DONE]" not in rest[-1]
+    # A lost replica is a 503 frame that says the request may be retried, with its attempts.
+    frame = json.loads(rest[-1][len("data: ") :])
+    assert frame["details"]["status"] == 503 and frame["details"]["retryable"] is True
+    assert frame["details"]["attempts"][-1]["status"] == 503
+    assert "may be retried" in frame["error"]
     used = settled(key)["limits"]["tokens"]["used"]
     assert 0 < used < 480 + 64
     wait_chat_ok(served, key)  # the slot was released: the key's next request is admitted

@@ -7,6 +7,7 @@ newest request instead of refusing a key under its share."""
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,7 +20,7 @@ from voltage_ray.backends.fairness import Tenant
 from voltage_ray.backends.llama_cpp import llama_cpp_unavailable
 from voltage_ray.backends.sources import gguf_file, materialize, materialize_tokenizer
 from voltage_ray.config import BuiltinSource, ChatSettings
-from voltage_ray.errors import Overloaded
+from voltage_ray.errors import BadRequest, Overloaded
 
 H, L, PAID = Tenant("heavy"), Tenant("light"), Tenant("paid", priority=1)
 Make = Callable[..., SchedulerBackend]
@@ -186,3 +187,26 @@ def test_a_cancelled_paused_row_is_dropped_and_its_place_given_back(make: Make) 
     assert not any(
         isinstance(item, Finished) for item in list(heavy[tickets.index(paused[0])].queue)
     )
+
+
+def test_a_constraint_that_gives_up_mid_way_fails_its_request_alone(make: Make) -> None:
+    """llguidance builds a regex's lexer lazily: a megabyte regex compiles, then exceeds the
+    lexer's limits at the first token. That request gets a 400; the one beside it finishes."""
+    backend = make()
+    huge = request(
+        backend, "Say x", max_tokens=4, n=2, structured_outputs={"regex": "x" * (1 << 20)}
+    )
+    fine = long(backend, 1, max_tokens=6)
+    bad_sink, good_sink = submit(backend, huge, L), submit(backend, fine, H)
+    failure = bad_sink.get(timeout=60)
+    assert isinstance(failure, BadRequest), failure
+    assert "structured_outputs.regex cannot be enforced" in str(failure)
+    assert failure.details["param"] == "structured_outputs.regex"
+    text, done = drain(good_sink, 1)
+    assert text[0] and 0 < done.tokens[0] <= 6
+    for _ in range(100):  # the failed request's rows are evicted and its place is free
+        if not backend.scheduler.places:
+            break
+        time.sleep(0.05)
+    assert not backend.scheduler.places
+    assert bad_sink.empty()  # nothing after the error

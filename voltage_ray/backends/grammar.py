@@ -144,6 +144,7 @@ class RowGrammar:
     def __init__(self, matcher: Any, vocab_size: int) -> None:
         self._matcher = matcher
         self.vocab_size = vocab_size
+        self.error: str | None = None  # why the matcher gave up mid-way (e.g. a lexer too complex)
 
     def allowed(self) -> np.ndarray:
         """A bool array [vocab]: which tokens may come next (only EOS once the JSON is whole)."""
@@ -151,8 +152,11 @@ class RowGrammar:
         return np.unpackbits(bits, bitorder="little")[: self.vocab_size].astype(bool)
 
     def consume(self, token: int) -> None:
-        if not self._matcher.consume_token(token):
-            raise RuntimeError(f"grammar rejected a token it allowed: {self._matcher.get_error()}")
+        """Take the sampled token. A matcher that fails here (llguidance builds its lexer lazily,
+        so a huge regex or pattern can exceed its limits only now) records why in ``error``
+        instead of raising: the scheduler fails that request alone, with a 400."""
+        if not self._matcher.consume_token(token) and self.error is None:
+            self.error = _readable(self._matcher.get_error() or "the grammar stopped")
 
     @property
     def done(self) -> bool:

@@ -49,7 +49,7 @@ from voltage_ray.backends.fairness import ANONYMOUS, Served, Tenant, first, give
 from voltage_ray.backends.fairness import under_share as fair_share
 from voltage_ray.backends.grammar import Grammars
 from voltage_ray.backends.sampler import RowSampling, row_sampling, sample
-from voltage_ray.errors import Overloaded
+from voltage_ray.errors import BadRequest, Overloaded
 
 logger = logging.getLogger(__name__)
 
@@ -440,6 +440,10 @@ class Scheduler:
         step = Step()
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             row.last = token
+            self.served.charge(row.tenant.key, 1)
+            if row.ticket.cancelled or self._grammar_failed(row):
+                step.alive.append(True)  # the next iteration evicts it with the cancelled rows
+                continue
             text = row.decoder.push(token)
             reason = row.decoder.finish_reason
             scored = _scored(logprobs[i], self.eos_ids)
@@ -447,7 +451,6 @@ class Scheduler:
                 ev = StepEvent(row.index, text, reason, len(row.decoder.tokens), scored)
                 step.events.setdefault(row.ticket, []).append(ev)
             step.alive.append(reason is None)
-            self.served.charge(row.tenant.key, 1)
             if reason is None:
                 continue
             row.ticket.used[row.index] = len(row.decoder.tokens)
@@ -455,6 +458,20 @@ class Scheduler:
             if row.ticket.live_rows == 0:
                 step.finished.append(row.ticket)
         return step
+
+    def _grammar_failed(self, row: Row) -> bool:
+        """A row whose constraint gave up mid-way fails its request (400) and the request's
+        other rows are evicted as a cancelled request's are; other requests go on."""
+        grammar = row.sampling.grammar
+        if grammar is None or grammar.error is None:
+            return False
+        constraint = row.ticket.prepared.constraint
+        what = constraint.what if constraint is not None else "the constraint"
+        row.ticket.sink(
+            BadRequest(f"{what} cannot be enforced: {grammar.error}", details={"param": what})
+        )
+        self.cancel(row.ticket)
+        return True
 
     def _deliver(self, step: Step) -> None:
         """Send a step's events, and Finished to the requests it ended."""

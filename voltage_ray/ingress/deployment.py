@@ -32,6 +32,7 @@ from voltage_ray.errors import (
     RateLimited,
     Unauthorized,
     VoltageError,
+    shown,
 )
 from voltage_ray.ingress.api import create_api
 from voltage_ray.ingress.auth import client_address, presented_key
@@ -315,7 +316,8 @@ class Ingress:
             available = sorted(n for m in self.config.models if m.kind == kind for n in m.names)
             what = "does not exist" if model is None else f"is not one of the {kind} models"
             raise NotFound(
-                f"The model '{name}' {what}. Available {kind} models: {', '.join(available)}",
+                f"The model '{shown(name)}' {what}. Available {kind} models: "
+                + ", ".join(available),
                 details={"available_models": available},
             )
         return self.handles[model.id]

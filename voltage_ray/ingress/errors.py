@@ -48,12 +48,23 @@ def request_id(request: Request | None = None) -> str:
     return rid
 
 
+class SafeJSONResponse(JSONResponse):
+    """JSON that renders whatever text it carries: a string that UTF-8 cannot encode (a lone
+    surrogate from a path or a header) is written as JSON's ``\\uXXXX`` escapes instead."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
+
+
 def error_response(exc: VoltageError, endpoint: str, rid: str | None = None) -> JSONResponse:
     extra: dict[str, Any] = {"request_id": rid} if rid and exc.status >= 500 else {}
     headers = dict(exc.headers)
     if rid:
         headers["x-request-id"] = rid
-    return JSONResponse(exc.body(endpoint, **extra), status_code=exc.status, headers=headers)
+    return SafeJSONResponse(exc.body(endpoint, **extra), status_code=exc.status, headers=headers)
 
 
 def to_voltage_error(exc: BaseException, endpoint: str, rid: str) -> VoltageError:

@@ -148,8 +148,23 @@ async def call(
     raise ServiceUnavailable(
         f"No replica of model '{model.id}'"
         + (f" or its fallbacks ({', '.join(model.fallbacks)})" if model.fallbacks else "")
-        + " could answer; try again shortly",
-        details={"attempts": tries.as_list()},
+        + " could answer; the request may be retried shortly",
+        details={"attempts": tries.as_list(), "retryable": True},
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+def lost_mid_stream(exc: BaseException, tries: Tries, started: float) -> ServiceUnavailable | None:
+    """The error frame of a stream whose replica (or node) died after its first token: a 503
+    that says the request may be retried (it is not tried again here: the client has part of
+    the answer), with every attempt, this one last. None for any other failure."""
+    if not replica_gone(exc):
+        return None
+    step = tries.attempts[-1].step if tries.attempts else ""
+    tries.record(step, ServiceUnavailable.status, started)
+    return ServiceUnavailable(
+        "The model replica serving this stream was lost; the request may be retried",
+        details={"attempts": tries.as_list(), "retryable": True},
         headers={"Retry-After": str(RETRY_AFTER_S)},
     )
 

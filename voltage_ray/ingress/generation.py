@@ -8,6 +8,7 @@ The two routes differ only in their request model and the ChatServer methods the
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -123,6 +124,7 @@ async def generate(
         if used is not None:
             count_tokens(ingress, endpoint, tags, used)
 
+    opened = time.monotonic()
     frames = sse.relay(
         first,
         gen,
@@ -131,6 +133,7 @@ async def generate(
         rid=request_id(request),
         on_close=close,
         timeout_s=limits.chat_timeout_s,
+        explain=lambda exc: failover.lost_mid_stream(exc, tries, opened),
     )
     headers = {**sse.HEADERS, **ticket.headers, **tries.headers()}
     return StreamingResponse(frames, media_type="text/event-stream", headers=headers)

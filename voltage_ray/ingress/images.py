@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import functools
+import socket
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -12,7 +15,7 @@ from ray import serve
 
 from voltage_ray.config import ModelConfig
 from voltage_ray.deployments import image_store
-from voltage_ray.errors import BadRequest, NotFound, ServiceUnavailable
+from voltage_ray.errors import BadRequest, NotFound, ServiceUnavailable, shown
 from voltage_ray.ingress import failover, guards
 from voltage_ray.ingress.deps import get_ingress, get_principal
 from voltage_ray.protocol.images import ImageData, ImageGenerationRequest, ImageGenerationResponse
@@ -83,12 +86,43 @@ async def _store_call(request: Request, method: str, *args: Any) -> Any:
             state.image_store = None
 
 
-def _file_url(request: Request, image_id: str) -> str:
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+@functools.cache
+def own_hosts() -> frozenset[str]:
+    """This node's names and addresses: Host headers that name the service itself."""
+    names = set(LOCAL_HOSTS)
+    with contextlib.suppress(Exception):
+        names.add(socket.gethostname())
+        names.add(socket.getfqdn())
+        names.add(ray.util.get_node_ip_address())
+    return frozenset(n.lower() for n in names if n)
+
+
+def _base_url(request: Request) -> str:
+    """Where image URLs point: ``public_base_url``, else the request's own base URL when its
+    Host is one this service may name (a 400 otherwise: a forged Host never reaches a URL)."""
+    config = get_ingress(request).config.image_store
+    if config.public_base_url:
+        return config.public_base_url
+    host = request.url.hostname or ""
+    allowed = own_hosts() | {h.lower() for h in config.allowed_hosts}
+    if host.lower().strip("[]") not in allowed:
+        raise BadRequest(
+            f"The Host '{shown(host)}' is not one this service's image URLs may name: set "
+            "image_store.public_base_url, or add it to image_store.allowed_hosts (or ask for "
+            "response_format b64_json)",
+            details={"param": "Host"},
+        )
+    return str(request.base_url)
+
+
+def _file_url(request: Request, base: str, image_id: str) -> str:
     """Absolute URL of a stored image, under the API prefix the request came in on."""
     root = request.scope.get("app_root_path", request.scope.get("root_path", ""))
     path = request.scope["path"]  # includes the root path (a Serve route_prefix), if any
     prefix = path.removeprefix(root).removesuffix(GENERATIONS)  # "/v1" or "/api/voltage/v1"
-    base = get_ingress(request).config.image_store.public_base_url or str(request.base_url)
     return f"{base.rstrip('/')}{prefix}{FILES}/{image_id}.png"
 
 
@@ -123,6 +157,7 @@ async def create_image(
             details={"param": "n"},
         )
     output = "jpeg" if media == "image/jpeg" else "png"
+    base = _base_url(request) if media == JSON and body.response_format != "b64_json" else ""
     tries = failover.Tries.at(request.url.path)
 
     async with ingress.metered(
@@ -148,7 +183,7 @@ async def create_image(
         data = [ImageData(b64_json=base64.b64encode(image).decode()) for image in images]
     else:
         ids = await _store_call(request, "put", images)
-        data = [ImageData(url=_file_url(request, image_id)) for image_id in ids]
+        data = [ImageData(url=_file_url(request, base, image_id)) for image_id in ids]
     response = ImageGenerationResponse(data=data)
     return Response(response.model_dump_json(exclude_none=True), media_type=JSON, headers=headers)
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from voltage_ray.errors import NotFound, ServiceUnavailable
+from voltage_ray.errors import NotFound, ServiceUnavailable, shown
 from voltage_ray.ingress.deps import get_ingress, get_principal
 from voltage_ray.protocol.common import ModelCard, ModelList
 
@@ -38,7 +38,7 @@ async def get_model(
     for card in _cards(request):
         if card.id == model:
             return JSONResponse(card.model_dump(mode="json"))
-    raise NotFound(f"The model '{model}' does not exist")
+    raise NotFound(f"The model '{shown(model)}' does not exist")
 
 
 @health_router.get("/health", summary="Readiness of every model deployment")

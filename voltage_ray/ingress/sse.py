@@ -2,8 +2,9 @@
 
 A stream is opened only after its first item arrived, so errors the model raises up front (a
 prompt past the context length) are ordinary JSON errors with their own status. An error in the
-middle of a stream becomes one ``data: {"error": ...}`` frame, then the stream closes. A client
-that goes away cancels the model call.
+middle of a stream becomes one ``data: {"error": ...}`` frame in the spec's shape, then the
+stream closes: a replica lost mid-stream is a 503 with ``details.retryable`` and the attempts.
+A client that goes away cancels the model call.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from voltage_ray.errors import VoltageError
 from voltage_ray.ingress.errors import to_voltage_error
 from voltage_ray.ingress.guards import Deadline
 
@@ -45,11 +47,13 @@ async def relay(
     rid: str,
     on_close: Callable[[BaseException | None], Awaitable[None]] | None = None,
     timeout_s: float | None = None,
+    explain: Callable[[BaseException], VoltageError | None] | None = None,
 ) -> AsyncIterator[str]:
     """SSE frames from a handle stream: ``render`` maps an item to a JSON payload or None.
 
     With ``timeout_s``, the model call is cancelled when the deadline passes, also while the
-    client has stopped reading, and the stream ends with a 504 error frame.
+    client has stopped reading, and the stream ends with a 504 error frame. ``explain`` gives
+    the error frame of a failure it knows (a replica lost: a 503 that may be retried).
     """
     deadline = Deadline(gen, timeout_s) if timeout_s else None
     failure: BaseException | None = None
@@ -69,11 +73,12 @@ async def relay(
         raise
     except Exception as exc:
         failure = exc
-        err = (
-            deadline.error()
-            if deadline and deadline.expired
-            else to_voltage_error(exc, endpoint, rid)
-        )
+        known = explain(exc) if explain is not None else None
+        err: VoltageError
+        if deadline and deadline.expired:
+            err = deadline.error()
+        else:
+            err = known or to_voltage_error(exc, endpoint, rid)
         extra = {"request_id": rid} if err.status >= 500 else {}
         yield frame(json.dumps(err.body(endpoint, **extra)))
     finally:

@@ -16,6 +16,7 @@ so ``lost`` is called (the actor exits, and Ray restarts it from the database).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,6 +67,8 @@ class Journal:
         self.committed = 0  # every change up to this one is on disk
         self.commits = 0
         self._writing: asyncio.Task[None] | None = None
+        # One thread of its own: a commit never waits behind other work for a pool thread.
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="journal")
 
     def changed(self) -> int:
         """A state change was made (under the write lock): its number."""
@@ -85,7 +88,9 @@ class Journal:
             changes = self.snapshot(self.dirty)
         if changes:
             try:
-                await asyncio.to_thread(usage_db.write, self.db, changes)
+                await asyncio.get_running_loop().run_in_executor(
+                    self._writer, usage_db.write, self.db, changes
+                )
             except BaseException as exc:
                 logger.critical("a group commit failed: the limiter stops (%r)", exc)
                 self.lost(exc)

@@ -71,15 +71,28 @@ class Window:
     Amounts taken within one 1 ms tick share an entry stamped with the tick's end: an amount is
     held at most 1 ms longer than a minute, never shorter, so the limit stays exact. An entry
     stays mutable until it leaves the window, so a token reservation can be corrected to the
-    actual usage when the request settles (``live`` tells whether it still counts).
+    actual usage when the request settles (``live`` tells whether it still counts). Amounts are
+    also summed per whole second (rounded up) as they change, so :meth:`dump`, which the limiter
+    writes with every admission, costs at most ``span`` rows, not one per entry.
     """
 
-    __slots__ = ("entries", "span", "total")
+    __slots__ = ("entries", "seconds", "span", "total")
 
     def __init__(self, span: float = MINUTE, entries: Iterable[tuple[float, int]] = ()) -> None:
         self.span = span
         self.entries: deque[list[Any]] = deque([t, n, True] for t, n in entries)
         self.total = sum(e[1] for e in self.entries)
+        self.seconds: dict[int, int] = {}
+        for t, n, _live in self.entries:
+            self._count(t, n)
+
+    def _count(self, t: float, amount: int) -> None:
+        second = math.ceil(t)
+        left = self.seconds.get(second, 0) + amount
+        if left:
+            self.seconds[second] = left
+        else:
+            self.seconds.pop(second, None)
 
     def prune(self, now: float) -> None:
         horizon = now - self.span
@@ -87,12 +100,14 @@ class Window:
         while entries and entries[0][0] <= horizon:
             entry = entries.popleft()
             self.total -= entry[1]
+            self._count(entry[0], -entry[1])
             entry[2] = False
 
     def add(self, now: float, amount: int) -> list[Any]:
         """Take ``amount`` now; returns the entry holding it (shared within a tick)."""
         tick = math.ceil(now * TICKS_PER_S) / TICKS_PER_S
         self.total += amount
+        self._count(tick, amount)
         if self.entries and self.entries[-1][0] == tick:
             entry = self.entries[-1]
             entry[1] += amount
@@ -106,6 +121,7 @@ class Window:
         if entry[2]:
             entry[1] += delta
             self.total += delta
+            self._count(entry[0], delta)
 
     def wait(self, amount: int, limit: int, now: float) -> float:
         """Seconds until ``amount`` more fits under ``limit`` (inf if it never can)."""
@@ -125,15 +141,8 @@ class Window:
         return max(0.0, self.entries[-1][0] + self.span - now) if self.entries else 0.0
 
     def dump(self) -> list[tuple[float, int]]:
-        """The entries coalesced into whole seconds (rounded up: a restored window is exact)."""
-        out: list[tuple[float, int]] = []
-        for t, n, _live in self.entries:
-            second = float(math.ceil(t))
-            if out and out[-1][0] == second:
-                out[-1] = (second, out[-1][1] + n)
-            else:
-                out.append((second, n))
-        return out
+        """The amounts summed into whole seconds (rounded up: a restored window is exact)."""
+        return [(float(second), n) for second, n in sorted(self.seconds.items())]
 
 
 # --- per-key state ------------------------------------------------------------------------------

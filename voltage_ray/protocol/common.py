@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import types
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
@@ -19,12 +20,28 @@ def set_unknown_fields(mode: UnknownFields) -> None:
     _unknown_fields = mode
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def require_unicode(text: str, what: str) -> None:
     """JSON may carry lone surrogates (\\ud800) that no tokenizer can encode: a ValueError."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"{what} is not valid Unicode (it holds a lone surrogate)") from None
+    if _SURROGATE.search(text):
+        raise ValueError(f"{what} is not valid Unicode (it holds a lone surrogate)")
+
+
+def unicode_everywhere(value: Any, where: str = "") -> None:
+    """:func:`require_unicode` on every string inside a JSON value (keys included), naming the
+    first one that fails by its path, e.g. ``messages[0].content``."""
+    if isinstance(value, str):
+        require_unicode(value, where or "a value")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str):
+                require_unicode(key, f"a key of {where}" if where else "a key")
+            unicode_everywhere(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            unicode_everywhere(item, f"{where}[{i}]")
 
 
 def admits_none(annotation: Any) -> bool:
@@ -72,6 +89,7 @@ class RequestModel(BaseModel):
     def _null_means_default(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
+        unicode_everywhere(data)  # no string of a request may break a tokenizer or a renderer
         fields = cls.model_fields
         if _unknown_fields == "ignore" and not data.keys() <= fields.keys():
             data = {k: v for k, v in data.items() if k in fields}
