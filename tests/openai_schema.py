@@ -5,6 +5,11 @@ The document is OpenAPI 3.1, whose schemas are JSON Schema 2020-12 plus a few Op
 ``$ref: '#/components/schemas/X'`` resolves inside the stored document. Formats are checked where
 OpenAI names one (``uri``, ``date``, ``unixtime``); ``discriminator`` and ``x-*`` keys are
 annotations only.
+
+Request bodies (:func:`assert_request_conforms`) are read with every ``oneOf`` as ``anyOf``:
+OpenAI's request unions overlap (a developer message with content parts is both an
+`EasyInputMessage` and an `InputMessage`), which OpenAPI's ``discriminator`` settles and JSON
+Schema's ``oneOf`` would refuse.
 """
 
 from __future__ import annotations
@@ -51,15 +56,18 @@ def _unixtime(value: object) -> bool:
     return not isinstance(value, int) or value >= 0
 
 
-def translate(node: Any) -> Any:
-    """OpenAPI's ``nullable: true`` as JSON Schema: ``anyOf [the schema, {type: null}]``."""
+def translate(node: Any, one_of: str = "oneOf") -> Any:
+    """OpenAPI's ``nullable: true`` as JSON Schema: ``anyOf [the schema, {type: null}]``;
+    ``oneOf`` renamed ``one_of``."""
     if isinstance(node, list):
-        return [translate(item) for item in node]
+        return [translate(item, one_of) for item in node]
     if not isinstance(node, dict):
         return node
     out = {
-        key: (
-            {k: translate(v) for k, v in value.items()} if key == "properties" else translate(value)
+        (one_of if key == "oneOf" else key): (
+            {k: translate(v, one_of) for k, v in value.items()}
+            if key == "properties"
+            else translate(value, one_of)
         )
         for key, value in node.items()
         if key != "nullable"
@@ -68,23 +76,25 @@ def translate(node: Any) -> Any:
 
 
 @functools.cache
-def _registry() -> Registry[Any]:
-    document = translate(json.loads(DOCUMENT.read_text(encoding="utf-8")))
+def _registry(one_of: str = "oneOf") -> Registry[Any]:
+    document = translate(json.loads(DOCUMENT.read_text(encoding="utf-8")), one_of)
     return Registry().with_resource(URI, DRAFT202012.create_resource(document))
 
 
 @functools.cache
-def validator(schema_name: str) -> Draft202012Validator:
-    schemas = _registry().contents(URI)["components"]["schemas"]
+def validator(schema_name: str, one_of: str = "oneOf") -> Draft202012Validator:
+    schemas = _registry(one_of).contents(URI)["components"]["schemas"]
     if schema_name not in schemas:
         raise KeyError(f"{schema_name} is not among the stored schemas: {sorted(schemas)}")
     schema = {"$ref": f"{URI}#/components/schemas/{schema_name}"}
-    return Draft202012Validator(schema, registry=_registry(), format_checker=FORMATS)
+    return Draft202012Validator(schema, registry=_registry(one_of), format_checker=FORMATS)
 
 
-def violations(schema_name: str, obj: Any) -> list[str]:
+def violations(schema_name: str, obj: Any, one_of: str = "oneOf") -> list[str]:
     """Every way ``obj`` breaks OpenAI's ``schema_name``, one line each (empty: it conforms)."""
-    errors = sorted(validator(schema_name).iter_errors(obj), key=lambda e: list(e.absolute_path))
+    errors = sorted(
+        validator(schema_name, one_of).iter_errors(obj), key=lambda e: list(e.absolute_path)
+    )
     lines = []
     for error in errors:
         where = "".join(f"[{p!r}]" for p in error.absolute_path) or "(the body)"
@@ -121,3 +131,26 @@ def assert_completion_conforms(body: Any, *, chunk: bool = False, echo: bool = F
             if lp["top_logprobs"][0] is None:
                 lp["top_logprobs"][0] = {}
     assert_conforms("CreateCompletionResponse", body)
+
+
+def assert_request_conforms(schema_name: str, body: Any) -> None:
+    """A request body (``CreateResponse``, ...), its unions read with OpenAPI's leniency."""
+    found = violations(schema_name, body, one_of="anyOf")
+    assert not found, f"not an OpenAI {schema_name}:\n  " + "\n  ".join(found)
+
+
+@functools.cache
+def _event_schemas() -> dict[str, str]:
+    """Each Responses stream event type, and the name of OpenAI's schema for it."""
+    schemas = _registry().contents(URI)["components"]["schemas"]
+    names = [m["$ref"].rsplit("/", 1)[-1] for m in schemas["ResponseStreamEvent"]["anyOf"]]
+    return {kind: name for name in names for kind in schemas[name]["properties"]["type"]["enum"]}
+
+
+def assert_event_conforms(event: Any) -> None:
+    """A Responses stream event: OpenAI's schema for its ``type`` (named in a failure), and
+    the `ResponseStreamEvent` union."""
+    name = _event_schemas().get(event.get("type"))
+    assert name is not None, f"{event.get('type')!r} is no event type OpenAI documents"
+    assert_conforms(name, event)
+    assert_conforms("ResponseStreamEvent", event)

@@ -26,6 +26,15 @@ ROOTS = (
     "ImagesResponse",
     "ListModelsResponse",
     "Model",
+    # The Responses API: the answer, its stream's events, the input item list, input_tokens'
+    # answer (the delete answer has no schema, only an example), and the two request bodies,
+    # which the unit tests hold their sample requests against.
+    "Response",
+    "ResponseStreamEvent",
+    "ResponseItemList",
+    "TokenCountsResource",
+    "CreateResponse",
+    "TokenCountsBody",
 )
 PREFIX = "#/components/schemas/"
 OUT = Path(__file__).with_name("openai_responses.json")

@@ -7,6 +7,7 @@ pydantic reserves) and checked where they are compiled into a grammar (``backend
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Annotated, Any, Literal
 
@@ -144,3 +145,50 @@ class ToolCallOut(ResponseModel):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCallOut
+
+
+# --- schemas ---------------------------------------------------------------------------------
+
+# Keywords whose value is a schema or a list of them, and those whose value maps names to schemas.
+_SUBSCHEMAS = (
+    *("items", "prefixItems", "anyOf", "oneOf", "additionalProperties", "not"),
+    *("if", "then", "else", "contains"),
+)
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def strict_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``schema`` in which every object schema that does not say whether it takes
+    other properties gets ``additionalProperties: false``, as OpenAI's strict mode reads it.
+
+    An object schema has ``properties`` or ``type: object``; an explicit ``additionalProperties``
+    (true, false or a schema) is left alone. The walk goes through every place a subschema can
+    be. Members of an ``allOf`` of several are not closed themselves (together they describe one
+    object, and a closed member would refuse the others' properties); their own subschemas are.
+    Pure: the argument is not changed, nor shared with the copy.
+    """
+    return _strict(schema, close=True)
+
+
+def _strict(node: Any, *, close: bool) -> Any:
+    if isinstance(node, list):
+        return [_strict(item, close=True) for item in node]
+    if not isinstance(node, dict):
+        return node  # a boolean schema, or a keyword's plain value
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _SUBSCHEMAS:
+            out[key] = _strict(value, close=True)
+        elif key == "allOf" and isinstance(value, list):
+            out[key] = [_strict(item, close=len(value) == 1) for item in value]
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _strict(item, close=True) for name, item in value.items()}
+        else:
+            out[key] = copy.deepcopy(value)
+    kind = node.get("type")
+    is_object = (
+        "properties" in node or kind == "object" or (isinstance(kind, list) and "object" in kind)
+    )
+    if close and is_object and "additionalProperties" not in node:
+        out["additionalProperties"] = False
+    return out
