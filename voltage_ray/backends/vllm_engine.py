@@ -83,6 +83,8 @@ def structured_outputs_kwargs(p: Prepared) -> dict[str, Any] | None:
         return {"json_object": True, "disable_any_whitespace": True}
     if c.kind == "regex":
         return {"regex": c.spec}
+    if c.kind == "lark":  # vLLM's `grammar` (its guidance backend reads Lark, as llguidance)
+        return {"grammar": c.spec}
     if c.kind == "choice":
         return {"choice": c.choices}
     return {"json": c.schema_dict, "disable_any_whitespace": True}
