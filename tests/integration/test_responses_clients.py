@@ -227,8 +227,12 @@ def test_langchain_bind_tools_named_tool(served: ServedApp, use_responses_api: b
     need_module("langchain_openai")
     from langchain_core.tools import tool
     from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
 
-    @tool
+    class City(BaseModel):
+        city: str = Field(max_length=10)
+
+    @tool("get_weather", args_schema=City)
     def get_weather(city: str) -> str:
         """The weather in a city."""
         return f"Sunny in {city}"
@@ -243,9 +247,10 @@ def test_langchain_bind_tools_named_tool(served: ServedApp, use_responses_api: b
         max_retries=0,
         timeout=300,
     )
-    message = llm.bind_tools([get_weather], tool_choice="get_weather").invoke(
-        "What is the weather in Paris?"
-    )
+    # strict: the schema closed (additionalProperties false), as the Agents SDK sends it; open,
+    # the small model's forced call goes on adding keys until max_tokens cuts it (no call).
+    bound = llm.bind_tools([get_weather], tool_choice="get_weather", strict=True)
+    message = bound.invoke("What is the weather in Paris?")
     assert message.tool_calls, message  # type: ignore[attr-defined]
     call = message.tool_calls[0]  # type: ignore[attr-defined]
     assert call["name"] == "get_weather"
