@@ -252,5 +252,8 @@ async def test_the_limiter_runs_store_operations(tmp_path: Path, database: str) 
     with pytest.raises(ValueError):
         await limiter.response("close")  # only the store's operations
     assert (await limiter.info())["calls"]["response.get"] == 22
+    # SQLite: one writer thread, commits first; PostgreSQL: responses commit beside them.
+    shared = limiter._responses_writer is limiter.journal.writer
+    assert shared == (limiter.journal.db.dialect == "sqlite")
     limiter.store.close()
     limiter.journal.close()

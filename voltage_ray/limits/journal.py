@@ -12,10 +12,10 @@ SQLite's ``synchronous=FULL``).
 A write that fails leaves memory ahead of the disk; the limiter must not answer from that state,
 so ``lost`` is called (the actor exits, and Ray restarts it from the database).
 
-Every write of the limiter runs on the journal's one thread (:class:`Writer`), on one connection
-(with SQLite, two writing connections would meet the file's write lock, whose busy handler
-sleeps). The group commits go first: other work (stored responses, ``limits/responses.py``)
-waits behind them, so an admission waits for at most the one such piece already under way.
+The commits run on the journal's one thread (:class:`Writer`). With SQLite every other write of
+the limiter (stored responses, ``limits/responses.py``) runs there too, on the same connection
+(two writing connections would meet the file's write lock, whose busy handler sleeps), after the
+group commits waiting: an admission waits for at most the one such write already under way.
 """
 
 from __future__ import annotations

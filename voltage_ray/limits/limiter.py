@@ -23,9 +23,9 @@ are voided too. Requests sent with an ``Idempotency-Key`` are answered and bille
 often they come (``limits/idempotency.py``; kept answers live in memory: a restart forgets them).
 
 It also keeps the stored responses of ``/v1/responses`` (``limits/responses.py``) for every
-ingress replica: :meth:`response` runs one store operation on the journal's writer thread, after
-any group commit waiting, and answers once it is committed. Expired responses are deleted at
-start and every ``RESPONSES_EXPIRE_S``.
+ingress replica: :meth:`response` runs one store operation off the event loop (with SQLite on the
+journal's writer thread, after any group commit waiting) and answers once it is committed.
+Expired responses are deleted at start and every ``RESPONSES_EXPIRE_S``.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from voltage_ray.limits import quota
 from voltage_ray.limits import usage as usage_db
 from voltage_ray.limits.db import Database
 from voltage_ray.limits.idempotency import Answer, Answers, InProgress, Replay
-from voltage_ray.limits.journal import Dirty, Journal
+from voltage_ray.limits.journal import Dirty, Journal, Writer
 from voltage_ray.limits.keys import KeyRecord, KeyStore, KeyUpdate
 from voltage_ray.limits.owners import Owners
 from voltage_ray.limits.plans import Plan, load_plans
@@ -185,8 +185,8 @@ class Limiter:
         self.store = KeyStore(db_path)
         usage_db.ensure_schema(self.store.db)
         writer = Database(db_path)  # used only on the journal's writer thread
-        self.responses = ResponseStore(writer)
         self.journal = Journal(writer, self.lock, self._snapshot, lambda e: self.lost(e))
+        self._open_responses(writer)
         self.epoch = uuid.uuid4().hex
         self._tickets = itertools.count(1)
         self._records: dict[str, tuple[float, KeyRecord | None]] = {}
@@ -212,6 +212,17 @@ class Limiter:
             logger.info("limiter restarted with %d outstanding holds", len(restored))
         self._bootstrap_key()
 
+    def _open_responses(self, writer: Database) -> None:
+        """Stored responses. SQLite has one writer at a time: they share the journal's thread
+        and connection, after the group commits waiting (two connections would meet the write
+        lock, whose busy handler sleeps). PostgreSQL commits both side by side: they get a
+        connection and thread of their own, so an admission never waits for one."""
+        if writer.dialect == "sqlite":
+            self.responses, self._responses_writer = ResponseStore(writer), self.journal.writer
+        else:
+            self.responses = ResponseStore(Database(self.db_path))
+            self._responses_writer = Writer("responses")
+
     # --- configuration -----------------------------------------------------------------------
 
     async def configure(
@@ -230,6 +241,9 @@ class Limiter:
             if db_path != self.db_path:
                 self.store.close()
                 self.journal.close()
+                if self._responses_writer is not self.journal.writer:
+                    self._responses_writer.submit(self.responses.db.close)
+                    self._responses_writer.close()
                 self._open(db_path)
             if plans_path != self.plans_path:
                 self.plans_path = plans_path
@@ -637,7 +651,7 @@ class Limiter:
             raise ValueError(f"unknown stored-response operation {op!r}")
         self.calls[f"response.{op}"] += 1
         self._start_tasks()
-        return await self.journal.writer.run(getattr(self.responses, op), *args)
+        return await self._responses_writer.run(getattr(self.responses, op), *args)
 
     def _snapshot(self, dirty: Dirty) -> Changes:
         """The rows that changed (copies), for the journal; marks them clean."""

@@ -2,8 +2,9 @@
 database (``limits/db.py``: SQLite or PostgreSQL), as durable as metering.
 
 Every operation is one transaction, committed (fsynced) before it returns. The limiter actor runs
-them on its journal's writer thread (``limits/journal.py``), after any group commit waiting, so a
-large conversation never holds an admission back more than the one write under way; ingress
+them off its event loop: with SQLite on its journal's writer thread (``limits/journal.py``), after
+any group commit waiting, so a large conversation holds an admission back by at most the one
+write under way; with PostgreSQL on a connection and thread of their own. Ingress
 replicas reach them through the limiter (:class:`~voltage_ray.limits.client.ResponsesClient`),
 since with SQLite only the limiter's node has the file.
 
@@ -124,7 +125,7 @@ def _record(row: tuple[Any, ...]) -> StoredResponse:
 
 class ResponseStore:
     """The ``responses`` table. Each method is one durable transaction; a connection is used by
-    one thread at a time (the limiter's writer thread)."""
+    one thread at a time (in the limiter, one writer thread)."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
