@@ -52,7 +52,7 @@ async def generate(
     endpoint = request.url.path
     tries = failover.Tries.at(endpoint)
     key = principal.key_id
-    reserve = await reservation(ingress, body, model, calls, tries, key)
+    reserve, prepared = await reservation(ingress, body, model, calls, tries, key)
     tags = {"model": model.id, "plan": principal.plan}
     service_tier = getattr(body, "service_tier", None)
     if not body.stream:
@@ -62,8 +62,9 @@ async def generate(
             tenant = ticket.tenant(service_tier)
 
             async def whole(target: ModelConfig) -> Any:
+                made = prepared if target.id == model.id else None  # a fallback prepares anew
                 return await failover.result(
-                    method(ingress, target, calls.whole).remote(body, tenant)
+                    method(ingress, target, calls.whole).remote(body, tenant, made)
                 )
 
             response = await guards.within(
@@ -76,7 +77,7 @@ async def generate(
         headers = {**ticket.headers, **tries.headers()}
         return JSONResponse(response.model_dump(mode="json"), headers=headers)
 
-    stream = await open_stream(ingress, body, principal, model, calls, tries, reserve)
+    stream = await open_stream(ingress, body, principal, model, calls, tries, reserve, prepared)
     ingress.metrics.ttft.observe(observe.since_arrival(request.state), tags={"model": model.id})
     include_usage = body.include_usage
 
@@ -110,11 +111,13 @@ def method(ingress: Services, target: ModelConfig, name: str, stream: bool = Fal
 
 async def reservation(
     ingress: Services, body: Any, model: ModelConfig, calls: Calls, tries: failover.Tries, key: str
-) -> int:
+) -> tuple[int, Any]:
     """The tokens a request may at most use (prompt, plus max_tokens per choice), from the
-    model's tokenizer; a 400 for a request the model cannot serve (past its context...)."""
+    model's tokenizer, and what the replica prepared (template, tokens, grammar), which the
+    generation call then takes instead of preparing again; a 400 for a request the model
+    cannot serve (past its context...)."""
 
-    async def prepare(target: ModelConfig) -> dict[str, int]:
+    async def prepare(target: ModelConfig) -> dict[str, Any]:
         return await failover.result(method(ingress, target, calls.prepare).remote(body))
 
     budget = await guards.within(
@@ -122,7 +125,10 @@ async def reservation(
         ingress.config.request_limits.chat_timeout_s,
         calls.title,
     )
-    return int(budget["prompt_tokens"] + budget["max_tokens"] * budget["n"])
+    reserve = int(budget["prompt_tokens"] + budget["max_tokens"] * budget["n"])
+    # Prepared by a fallback (the model's replicas gone): the generation call prepares anew.
+    made_by_model = tries.attempts and not tries.attempts[-1].step.startswith("fallback")
+    return reserve, budget.get("prepared") if made_by_model else None
 
 
 @dataclass
@@ -163,15 +169,18 @@ async def open_stream(
     calls: Calls,
     tries: failover.Tries,
     reserve: int,
+    prepared: Any = None,
 ) -> Stream:
     """Admit ``body`` (reserving ``reserve`` tokens) and open its stream on ``model`` (or a
-    fallback), within the chat deadline; the admission is settled unused if that fails."""
+    fallback), within the chat deadline; the admission is settled unused if that fails.
+    ``prepared``: what ``model``'s replica made of ``body`` (a fallback prepares anew)."""
     endpoint = tries.url
     ticket = await ingress.admit(principal, endpoint=endpoint, model=body.model, tokens=reserve)
     tenant = ticket.tenant(getattr(body, "service_tier", None))
 
     async def start(target: ModelConfig) -> tuple[Any, Any]:
-        gen = method(ingress, target, calls.stream, stream=True).remote(body, tenant)
+        made = prepared if target.id == model.id else None
+        gen = method(ingress, target, calls.stream, stream=True).remote(body, tenant, made)
         return await sse.first_item(gen), gen
 
     try:

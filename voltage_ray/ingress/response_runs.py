@@ -193,7 +193,7 @@ class Run:
 
     # --- background ---
 
-    async def queue(self, reserve: int) -> tuple[dict[str, Any], dict[str, str]]:
+    async def queue(self, reserve: int, prepared: Any) -> tuple[dict[str, Any], dict[str, str]]:
         """Store the response queued, admit it and start its run: the queued response, and
         the admission's headers."""
         self.builder.queue()
@@ -203,11 +203,14 @@ class Run:
         )
         await self.ingress.responses.put(record)
         admitted: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
-        self.ingress.runs.launch(self.run(reserve, admitted))
+        self.ingress.runs.launch(self.run(reserve, admitted, prepared))
         return queued, await admitted
 
     async def run(
-        self, reserve: int | None, admitted: asyncio.Future[dict[str, str]] | None
+        self,
+        reserve: int | None,
+        admitted: asyncio.Future[dict[str, str]] | None,
+        prepared: Any = None,
     ) -> None:
         """A background run, from admission to its stored end (``reserve`` None: counted
         again, for a run resumed on another replica)."""
@@ -215,9 +218,11 @@ class Run:
         try:
             if reserve is None:
                 key = self.principal.key_id
-                reserve = await reservation(self.ingress, self.chat, self.model, CHAT, tries, key)
+                reserve, prepared = await reservation(
+                    self.ingress, self.chat, self.model, CHAT, tries, key
+                )
             stream = await open_stream(
-                self.ingress, self.chat, self.principal, self.model, CHAT, tries, reserve
+                self.ingress, self.chat, self.principal, self.model, CHAT, tries, reserve, prepared
             )
         except BaseException as exc:
             if admitted is not None and not admitted.done():

@@ -12,6 +12,7 @@ database through the limiter (durable before acknowledged, reachable from every 
 
 from __future__ import annotations
 
+import json
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -20,7 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from voltage_ray.config import ModelConfig
 from voltage_ray.errors import BadRequest, NotFound, VoltageError, unwrap
-from voltage_ray.ingress import failover, observe, sse
+from voltage_ray.ingress import failover, guards, observe, sse
 from voltage_ray.ingress.chat import check_cost
 from voltage_ray.ingress.deps import get_ingress, get_principal
 from voltage_ray.ingress.errors import request_id
@@ -64,16 +65,20 @@ async def create_response(
     tries = failover.Tries.at(endpoint)
     history = await previous(ingress, body.previous_response_id, principal)
     inputs = [item_resource(i) for i in resolve_references(body, history)]
-    conversation, chat, reserve = await fitted(
+    limits = ingress.config.request_limits
+    whole = chat_request(body, parse_items(history + inputs), model.id)
+    check_cost(whole, model, limits)  # before any tokenizing: the whole conversation's size
+    tools = sum(len(json.dumps(t.function.parameters_schema)) for t in whole.tools or [])
+    guards.at_most(tools, limits.chat_max_prompt_chars, "The tools' schemas in characters")
+    conversation, chat, reserve, prepared = await fitted(
         ingress, body, history, inputs, model, tries, principal.key_id
     )
-    check_cost(chat, model, ingress.config.request_limits)
     builder = ResponseBuilder(body, response_id=new_id("resp"), created_at=int(time.time()))
     run = Run(ingress, body, principal, builder, inputs, conversation, chat, model)
     if body.background:
-        queued, headers = await run.queue(reserve)
+        queued, headers = await run.queue(reserve, prepared)
         return JSONResponse(queued, headers=headers)
-    stream = await open_stream(ingress, chat, principal, model, CHAT, tries, reserve)
+    stream = await open_stream(ingress, chat, principal, model, CHAT, tries, reserve, prepared)
     ingress.metrics.ttft.observe(observe.since_arrival(request.state), tags={"model": model.id})
     run.begin(stream)
     if not body.stream:
@@ -304,7 +309,7 @@ async def fitted(
     model: ModelConfig,
     tries: failover.Tries,
     key: str,
-) -> tuple[list[dict[str, Any]], Any, int]:
+) -> tuple[list[dict[str, Any]], Any, int, Any]:
     """The conversation the model reads, its chat request and the tokens to reserve.
 
     ``truncation: disabled``: a conversation past the model's context is a 400 with OpenAI's
@@ -312,34 +317,34 @@ async def fitted(
     (found by bisection, each try one tokenization), the newest item always kept."""
     conversation = history + inputs
 
-    async def attempt(drop: int) -> tuple[Any, int]:
+    async def attempt(drop: int) -> tuple[Any, int, Any]:
         chat = chat_request(body, parse_items(conversation[drop:]), model.id)
-        return chat, await reservation(ingress, chat, model, CHAT, tries, key)
+        return chat, *await reservation(ingress, chat, model, CHAT, tries, key)
 
     try:
-        chat, reserve = await attempt(0)
-        return conversation, chat, reserve
+        chat, reserve, prepared = await attempt(0)
+        return conversation, chat, reserve, prepared
     except Exception as exc:
         if body.truncation != "auto" or not _too_long(exc):
             raise
         failure = exc
     low, high = 1, len(conversation) - 1  # the fewest dropped that might fit; the most
-    best: tuple[int, Any, int] | None = None
+    best: tuple[int, Any, int, Any] | None = None
     while low <= high:
         middle = (low + high) // 2
         try:
-            chat, reserve = await attempt(middle)
+            chat, reserve, prepared = await attempt(middle)
         except Exception as exc:
             if not _too_long(exc):
                 raise
             low = middle + 1
             continue
-        best = (middle, chat, reserve)
+        best = (middle, chat, reserve, prepared)
         high = middle - 1
     if best is None:
         raise failure
-    drop, chat, reserve = best
-    return conversation[drop:], chat, reserve
+    drop, chat, reserve, prepared = best
+    return conversation[drop:], chat, reserve, prepared
 
 
 def _too_long(exc: BaseException) -> bool:
