@@ -5,14 +5,14 @@ README's default config (``serve_config.yaml``: SmolLM2 on llama.cpp) under ``se
 HAProxy, as ``voltage-ray serve`` runs it. Streamed greedy 128-token answers:
 
 1. **tokens/s and TTFT**, ``/v1/responses`` vs ``/v1/chat/completions``, at 1 and 8 concurrent
-   streams (the same prompt, alternating rounds so drift hits both alike). Tokens are the
+   streams (the same prompt; ``--windows`` alternating windows each, so drift hits both alike). Tokens are the
    content deltas received (``response.output_text.delta`` / chat content chunks); TTFT is send
    to the first of them. Aim: responses >= 0.95x chat.
 2. **previous_response_id**: a conversation of ``--turns`` turns is stored; its continuation by
    ``previous_response_id`` is timed against the same conversation sent whole with ``store:
    false`` (a cold prefix: its first message made unique), TTFT and ``cached_tokens`` of each.
 
-    .venv/bin/python benchmarks/responses.py [--seconds 20] [--turns 6]
+    .venv/bin/python benchmarks/responses.py [--seconds 40] [--windows 4] [--turns 6]
 """
 
 from __future__ import annotations
@@ -157,7 +157,8 @@ async def continuation(base: str, key: str, turns: int, rounds: int) -> dict[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=20.0, help="each measurement's window")
+    parser.add_argument("--seconds", type=float, default=40.0, help="each API's time per level")
+    parser.add_argument("--windows", type=int, default=4, help="alternating windows per API")
     parser.add_argument("--streams", default="1,8", help="concurrent streams to measure")
     parser.add_argument("--turns", type=int, default=6, help="turns of the stored conversation")
     parser.add_argument("--rounds", type=int, default=5, help="continuations timed")
@@ -169,10 +170,11 @@ def main() -> None:
             await chat(httpx.AsyncClient(base_url=app.base_url, timeout=300), app.key)  # warm
             for streams in [int(s) for s in args.streams.split(",")]:
                 got: dict[str, list[dict[str, Any]]] = {"chat": [], "responses": []}
-                for _ in range(2):  # alternate, so drift hits both alike
-                    for kind in ("responses", "chat"):
+                window = args.seconds / args.windows
+                for i in range(args.windows):  # alternate, so drift hits both alike
+                    for kind in ("responses", "chat")[:: 1 if i % 2 else -1]:
                         got[kind].append(
-                            await level(app.base_url, app.key, kind, streams, args.seconds / 2)
+                            await level(app.base_url, app.key, kind, streams, window)
                         )
                 rate = {k: statistics.mean(r["tokens_per_s"] for r in v) for k, v in got.items()}
                 ttft = {

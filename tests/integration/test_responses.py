@@ -315,3 +315,25 @@ def test_hosted_tools_are_dropped_and_never_echoed(client: httpx.Client) -> None
         max_output_tokens=16,
     )
     assert [t["type"] for t in answer["tools"]] == ["function"]
+
+
+def test_idempotency_key_and_rate_limit_headers_as_chat(served: ServedApp) -> None:
+    """A retry with the same Idempotency-Key is the first answer again, billed once; answers
+    carry OpenAI's x-ratelimit-* headers."""
+    key = served.new_key("limits_metered")
+    headers = {**served.headers(key), "Idempotency-Key": "resp-retry-1"}
+    body = {"model": "tiny-chat", "input": "Hi", "max_output_tokens": 16}
+    with served.client() as c:
+        first = c.post("/v1/responses", json=body, headers=headers)
+        again = c.post("/v1/responses", json=body, headers=headers)
+    assert first.status_code == again.status_code == 200, (first.text, again.text)
+    assert again.json()["id"] == first.json()["id"]
+    assert again.json()["output"] == first.json()["output"]
+    assert "x-ratelimit-limit-requests" in first.headers
+    key_id = parse_key(key)
+    assert key_id is not None
+    deadline = time.monotonic() + 10
+    while (row := usage_row(served.db, key_id)) is None or row[2] != 0:
+        assert time.monotonic() < deadline, row
+        time.sleep(0.1)
+    assert row[:2] == (1, first.json()["usage"]["total_tokens"])

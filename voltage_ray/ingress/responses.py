@@ -68,8 +68,11 @@ async def create_response(
     limits = ingress.config.request_limits
     whole = chat_request(body, parse_items(history + inputs), model.id)
     check_cost(whole, model, limits)  # before any tokenizing: the whole conversation's size
-    tools = sum(len(json.dumps(t.function.parameters_schema)) for t in whole.tools or [])
-    guards.at_most(tools, limits.chat_max_prompt_chars, "The tools' schemas in characters")
+    # What check_cost leaves out and the template renders: calls' names and arguments, tools.
+    calls = [c.function for m in whole.messages for c in m.tool_calls or []]
+    extra = sum(len(f.name) + len(f.arguments) for f in calls)
+    extra += sum(len(json.dumps(t.function.model_dump())) for t in whole.tools or [])
+    guards.at_most(extra, limits.chat_max_prompt_chars, "The tools and calls in characters")
     conversation, chat, reserve, prepared = await fitted(
         ingress, body, history, inputs, model, tries, principal.key_id
     )
