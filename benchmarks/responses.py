@@ -5,9 +5,9 @@ README's default config (``serve_config.yaml``: SmolLM2 on llama.cpp) under ``se
 HAProxy, as ``voltage-ray serve`` runs it. Streamed greedy 128-token answers:
 
 1. **tokens/s and TTFT**, ``/v1/responses`` vs ``/v1/chat/completions``, at 1 and 8 concurrent
-   streams (the same prompt; ``--windows`` alternating windows each, so drift hits both alike). Tokens are the
-   content deltas received (``response.output_text.delta`` / chat content chunks); TTFT is send
-   to the first of them. Aim: responses >= 0.95x chat.
+   streams (the same prompt; ``--windows`` alternating windows each, so drift hits both
+   alike). Tokens are the content deltas received (``response.output_text.delta`` / chat
+   content chunks); TTFT is send to the first of them. Aim: responses >= 0.95x chat.
 2. **previous_response_id**: a conversation of ``--turns`` turns is stored; its continuation by
    ``previous_response_id`` is timed against the same conversation sent whole with ``store:
    false`` (a cold prefix: its first message made unique), TTFT and ``cached_tokens`` of each.
@@ -173,9 +173,7 @@ def main() -> None:
                 window = args.seconds / args.windows
                 for i in range(args.windows):  # alternate, so drift hits both alike
                     for kind in ("responses", "chat")[:: 1 if i % 2 else -1]:
-                        got[kind].append(
-                            await level(app.base_url, app.key, kind, streams, window)
-                        )
+                        got[kind].append(await level(app.base_url, app.key, kind, streams, window))
                 rate = {k: statistics.mean(r["tokens_per_s"] for r in v) for k, v in got.items()}
                 ttft = {
                     k: pct([t for r in v for t in r["ttft"]], 0.5) * 1000 for k, v in got.items()
