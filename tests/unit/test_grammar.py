@@ -54,20 +54,28 @@ def test_response_formats() -> None:
     c = constraint_of(request(response_format=fmt))
     assert c is not None and c.kind == "json_schema"
     assert list(c.schema_dict["properties"]) == ["b", "a"]  # the client's order is kept
+    assert c.schema_dict["additionalProperties"] is False  # strict by default
+    open_schema = {**schema, "additionalProperties": True}  # unless the schema says otherwise
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": open_schema}}
+    c = constraint_of(request(response_format=fmt))
+    assert c is not None and c.schema_dict["additionalProperties"] is True
 
 
 def test_forced_tool_calls() -> None:
     named = constraint_of(
         request(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "now"}})
     )
-    assert named is not None and named.schema_dict == {"type": "object"}
+    # Strict by default: an object schema silent on other properties takes none.
+    closed = {"type": "object", "additionalProperties": False}
+    assert named is not None and named.schema_dict == closed
     required = constraint_of(request(tools=TOOLS, tool_choice="required"))
     assert required is not None and required.kind == "tool_calls"
     schema = required.schema_dict
     assert schema["minItems"] == 1 and "maxItems" not in schema
     names = [alt["properties"]["name"]["const"] for alt in schema["items"]["anyOf"]]
     assert names == ["get_weather", "now"]
-    assert schema["items"]["anyOf"][0]["properties"]["parameters"] == PARAMS
+    parameters = schema["items"]["anyOf"][0]["properties"]["parameters"]
+    assert parameters == {**PARAMS, "additionalProperties": False}
     single = constraint_of(request(tools=TOOLS, tool_choice="required", parallel_tool_calls=False))
     assert single is not None and single.schema_dict["maxItems"] == 1
 
@@ -105,8 +113,9 @@ def test_prepared_carries_what_the_request_asks_of_its_tokens(prompter: Prompter
         request(response_format=fmt, logprobs=True, top_logprobs=3, logit_bias={"7": -100})
     )
     assert p.logprobs == 3 and p.logit_bias == {7: -100.0}
+    closed = {**PARAMS, "additionalProperties": False}  # strict by default
     assert p.constraint == Constraint.of(
-        "json_schema", PARAMS, "response_format.json_schema.schema"
+        "json_schema", closed, "response_format.json_schema.schema"
     )
     plain = prompter.prepare(request(logprobs=True))
     assert plain.logprobs == 0 and plain.constraint is None and plain.logit_bias == {}
