@@ -71,9 +71,13 @@ def test_logprobs_logit_bias_and_the_constraint_map_onto_vllms_fields() -> None:
     )
     kw = sampling_kwargs(p)
     assert kw["logprobs"] == 5 and kw["logit_bias"] == {7: -100.0, 9: 2.5}
-    assert structured_outputs_kwargs(p) == {"json": schema}
+    # the CPU engines' JSON separators, in llguidance's own key of the schema
+    spaced = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+    assert structured_outputs_kwargs(p) == {"json": {**schema, "x-guidance": spaced}}
     any_object = prepared(constraint=Constraint.of("json_object", {"type": "object"}, "x"))
-    assert structured_outputs_kwargs(any_object) == {"json_object": True}
+    assert structured_outputs_kwargs(any_object) == {
+        "json": {"type": "object", "x-guidance": spaced}
+    }
     assert structured_outputs_kwargs(prepared()) is None
     regex = prepared(constraint=Constraint.regex("(a|b)", "x"))
     assert structured_outputs_kwargs(regex) == {"regex": "(a|b)"}
@@ -155,11 +159,8 @@ def test_engine_args_carry_the_settings() -> None:
     assert kwargs["max_num_seqs"] == 32 and kwargs["max_model_len"] == 4096
     assert kwargs["gpu_memory_utilization"] == 0.225 and kwargs["enable_prefix_caching"] is True
     assert kwargs["dtype"] == "bfloat16" and "kv_cache_memory_bytes" not in kwargs
-    # compact JSON, through llguidance as the CPU engines (vLLM reads it only engine-wide)
-    assert kwargs["structured_outputs_config"] == {
-        "backend": "guidance",
-        "disable_any_whitespace": True,
-    }
+    # through llguidance, as the CPU engines (the backend is engine-wide in vLLM)
+    assert kwargs["structured_outputs_config"] == {"backend": "guidance"}
 
 
 def test_engine_args_on_a_replica_without_gpus_size_the_kv_cache() -> None:
@@ -248,7 +249,7 @@ def test_the_engine_calls_match_vllms_api() -> None:
     for num_gpus in (0.25, 0):  # no unknown argument, on GPU or CPU
         assert set(engine_kwargs("/models/qwen", settings, num_gpus)) <= fields
     config = StructuredOutputsConfig(**STRUCTURED_OUTPUTS)
-    assert config.backend == "guidance" and config.disable_any_whitespace
+    assert config.backend == "guidance"
     assert current_platform.device_type in ("cuda", "cpu")
     assert not issubclass(VLLMClientError, ValueError)  # why stream() catches it by name
     assert list(inspect.signature(AsyncLLM.generate).parameters)[1:4] == [

