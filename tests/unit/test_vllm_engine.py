@@ -286,9 +286,10 @@ class FakeEngine:
         self.outputs = outputs
         self.params: Any = None
         self.aborted: list[str] = []
+        self.priority: int | None = None
 
-    async def generate(self, prompt: Any, params: Any, request_id: str) -> Any:
-        self.params = params
+    async def generate(self, prompt: Any, params: Any, request_id: str, priority: int = 0) -> Any:
+        self.params, self.priority = params, priority
         for out in self.outputs:
             yield out
 
@@ -331,6 +332,19 @@ async def test_a_greedy_request_runs_one_sequence_copied_to_every_choice() -> No
     assert [(e.finish_reason, e.tokens) for e in second] == [("length", 2)] * 3
     assert isinstance(done, Finished) and done.tokens == [2, 2, 2]
     assert backend.rows == 0 and backend.requests == 0
+    assert engine.priority == 0  # no tenant: vLLM's default priority
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="needs the vllm package (its SamplingParams)")
+async def test_a_plans_priority_is_vllms_request_priority_negated() -> None:
+    """vLLM's priority scheduler serves the lowest value first; a plan's priority, the highest."""
+    from voltage_ray.backends.fairness import Tenant
+
+    backend, engine = fake_backend([FakeOutput([FakeCompletion(0, "Hi", [5], "stop")], True)])
+    p = prepared(temperature=0.0, max_tokens=2)
+    tenant = Tenant("key", priority=2, plan="enterprise")
+    items = [item async for item in backend.stream(p, tenant)]
+    assert engine.priority == -2 and items
 
 
 @pytest.mark.skipif(not HAS_VLLM, reason="needs the vllm package (its SamplingParams)")
