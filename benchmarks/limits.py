@@ -7,7 +7,9 @@ with limits on against limits off, in one run.
    and settle as ingress replicas do: one direct `admit` call per request, or through the
    LimiterClient the ingress uses (admissions and settlements coalesced into shared round
    trips). Prints admissions/s and admit latency, then checks the actor counted every
-   admission and token exactly.
+   admission and token exactly. With --responses-kb N, another actor stores responses of N KiB
+   through the limiter meanwhile (4 at a time), as /v1/responses does, and their rate is shown:
+   what large stored responses cost admissions.
 2. Embeddings: one `serve run` holding benchmarks/embeddings.py's app twice, limits on at /on
    and limits off (keys still authenticated) at /off, on a key whose plan has real, non-binding
    limits. Its small-request load (wrk, 64 connections, one short input per request) goes to
@@ -89,7 +91,32 @@ async def _caller_loop(
     }
 
 
-def admissions(seconds: float) -> None:
+async def _store_loop(limiter: Any, kb: int, seconds: float) -> int:
+    """Store responses of ``kb`` KiB through the limiter, 4 at a time, for ``seconds``."""
+    from voltage_ray.limits.client import LimiterClient
+    from voltage_ray.limits.responses import StoredResponse
+
+    client = LimiterClient(lambda: limiter)
+    deadline = time.monotonic() + seconds
+    stored = 0
+
+    async def worker(w: int) -> None:
+        nonlocal stored
+        while time.monotonic() < deadline:
+            now = time.time()
+            item = {"type": "message", "role": "user", "content": "x" * (kb * 1024)}
+            record = StoredResponse(
+                f"resp_{w}_{stored}", "bench", "m", "completed", {"status": "completed"},
+                [item], [item], created_at=now, expires_at=now + 3600,
+            )  # fmt: skip
+            await client.responses.put(record)
+            stored += 1
+
+    await asyncio.gather(*(worker(w) for w in range(4)))
+    return stored
+
+
+def admissions(seconds: float, responses_kb: int = 0) -> None:
     import ray
 
     from voltage_ray.limits.client import get_or_create_limiter
@@ -112,6 +139,11 @@ def admissions(seconds: float) -> None:
             ) -> dict[str, Any]:
                 return await _caller_loop(limiter, key_id, concurrency, secs, coalesce)
 
+        @ray.remote(num_cpus=0)
+        class Storer:
+            async def run(self, limiter: Any, kb: int, secs: float) -> int:
+                return await _store_loop(limiter, kb, secs)
+
         total = 0
         for callers, concurrency, coalesce in (
             (1, 1, False),
@@ -121,8 +153,19 @@ def admissions(seconds: float) -> None:
         ):
             actors = [Caller.remote() for _ in range(callers)]  # type: ignore[attr-defined]
             ray.get([a.__ray_ready__.remote() for a in actors])
+            storer = Storer.remote() if responses_kb else None  # type: ignore[attr-defined]
+            if storer is not None:
+                ray.get(storer.__ray_ready__.remote())
+                stores = storer.run.remote(limiter, responses_kb, seconds)
             runs = [a.run.remote(limiter, concurrency, seconds, coalesce) for a in actors]
             results = ray.get(runs)
+            if storer is not None:
+                print(
+                    f"responses: {ray.get(stores) / seconds:,.0f}/s of {responses_kb} KiB stored "
+                    "meanwhile",
+                    flush=True,
+                )
+                ray.kill(storer)
             n = sum(r["admitted"] for r in results)
             total += n
             p50 = max(r["p50_ms"] for r in results)
@@ -264,9 +307,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternating on/off wrk rounds")
     p.add_argument("--skip-actor", action="store_true")
     p.add_argument("--skip-embeddings", action="store_true")
+    p.add_argument(
+        "--responses-kb", type=int, default=0, help="store responses of this size meanwhile"
+    )
     a = p.parse_args()
     if not a.skip_actor:
-        admissions(a.seconds)
+        admissions(a.seconds, a.responses_kb)
     if not a.skip_embeddings:
         embeddings(a.seconds, a.clients, a.rounds)
 

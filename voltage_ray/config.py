@@ -577,6 +577,22 @@ class LimitsConfig(_Strict):
     )
 
 
+class ResponsesConfig(_Strict):
+    """Stored responses of /v1/responses (kept in the database, through the limiter)."""
+
+    ttl_s: float = Field(
+        default=2_592_000.0,
+        gt=0,
+        description="Seconds a stored response is kept (for GET, input_items and "
+        "previous_response_id) after it was created; default 30 days, as OpenAI.",
+    )
+    hosted_tools: Literal["ignore", "refuse"] = Field(
+        default="ignore",
+        description="Hosted tools in a request (web_search, file_search, code_interpreter, ...), "
+        "which this service does not run: ignore: drop them; refuse: a 400 naming the tool.",
+    )
+
+
 class ImageStoreConfig(_Strict):
     """Where `response_format: url` images live: a named actor every ingress replica reads."""
 
@@ -645,6 +661,7 @@ class AppConfig(_Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     image_store: ImageStoreConfig = Field(default_factory=ImageStoreConfig)
+    responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
     request_limits: RequestLimits = Field(default_factory=lambda: RequestLimits())
 
     @model_validator(mode="after")

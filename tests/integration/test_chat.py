@@ -217,3 +217,29 @@ def test_model_deployment_is_usable_through_its_handle(served: ServedApp) -> Non
     chunks = list(handle.options(stream=True).chat_stream.remote(request))
     assert all(isinstance(c, ChatCompletionChunk) for c in chunks)
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 3
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"messages": USER, "max_tokens": 4}),
+        ("/v1/chat/completions", {"messages": USER, "max_tokens": 4, "stream": True}),
+        ("/v1/completions", {"prompt": ["one", "two"], "max_tokens": 4}),
+        ("/v1/completions", {"prompt": "one", "max_tokens": 4, "stream": True}),
+        ("/v1/responses", {"input": "Hi", "max_output_tokens": 16, "store": False}),
+        ("/v1/responses", {"input": "Hi", "max_output_tokens": 16, "stream": True}),
+    ],
+)
+async def test_a_request_is_tokenized_once(
+    served: ServedApp, path: str, body: dict[str, object]
+) -> None:
+    """Admission's tokenizing call hands the replica's work to the generation call: the
+    template, the tokens and the grammar are made once per request (the replica counts)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("chat-tiny-chat", app_name="voltage")
+    before = (await handle.info.remote())["tokenized"]
+    async with httpx.AsyncClient(base_url=served.base_url, timeout=60) as c:
+        r = await c.post(path, json={"model": "tiny-chat", **body}, headers=served.headers())
+        assert r.status_code == 200, r.text
+    assert (await handle.info.remote())["tokenized"] == before + 1

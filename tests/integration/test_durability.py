@@ -25,6 +25,7 @@ import pytest
 import ray
 
 from tests.integration.conftest import ServedApp, run_beside, small_deployment, wait_key_live
+from tests.integration.test_failover import replicas
 from tests.integration.test_limits import MESSAGES, wait_for
 from voltage_ray.limits.db import Database
 from voltage_ray.limits.keys import KeyStore, parse_key
@@ -86,19 +87,26 @@ class Clients:
     answered: int = 0
     tokens: int = 0
     other: dict[str, int] = field(default_factory=dict)
+    responses: dict[str, str] = field(default_factory=dict)  # stored response id -> its text
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
         headers = {"X-VoltageGPU-Key": self.app.key}
         async with httpx.AsyncClient(base_url=self.app.base_url, timeout=120) as c:
             await asyncio.gather(
-                *(self._loop(c, headers, kind) for kind in ("json", "sse", "embed", "embed"))
+                *(
+                    self._loop(c, headers, kind)
+                    for kind in ("json", "sse", "embed", "embed", "response")
+                )
             )
 
     async def _loop(self, c: httpx.AsyncClient, headers: dict[str, str], kind: str) -> None:
         while not self.stop.is_set():
             try:
-                status, tokens = await SENDERS[kind](c, headers)
+                if kind == "response":
+                    status, tokens = await self.respond(c, headers)
+                else:
+                    status, tokens = await SENDERS[kind](c, headers)
             except httpx.HTTPError as exc:  # the app going away under a request
                 status, tokens = type(exc).__name__, 0
             if status == 200:
@@ -107,6 +115,28 @@ class Clients:
             else:
                 self.other[str(status)] = self.other.get(str(status), 0) + 1
                 await asyncio.sleep(0.1)
+
+    async def respond(self, c: httpx.AsyncClient, headers: dict[str, str]) -> tuple[int, int]:
+        """A stored response (``/v1/responses``): kept, with its text, to be read back."""
+        body = {"model": "tiny-chat", "input": "Hi", "max_output_tokens": 16}
+        r = await c.post("/v1/responses", json=body, headers=headers)
+        if r.status_code != 200:
+            return r.status_code, 0
+        answer = r.json()
+        self.responses[answer["id"]] = answer["output"][0]["content"][0]["text"]
+        return 200, answer["usage"]["total_tokens"]
+
+    async def read_back(self) -> None:
+        """Every stored response this key was answered with is there, as answered."""
+        async with httpx.AsyncClient(base_url=self.app.base_url, timeout=60) as c:
+            for response_id, text in self.responses.items():
+                r = await c.get(f"/v1/responses/{response_id}", headers=headers_of(self.app))
+                assert r.status_code == 200, (response_id, r.text)
+                assert r.json()["output"][0]["content"][0]["text"] == text
+
+
+def headers_of(app: DurableApp) -> dict[str, str]:
+    return {"X-VoltageGPU-Key": app.key}
 
 
 async def chat_json(c: httpx.AsyncClient, headers: dict[str, str]) -> tuple[int, int]:
@@ -196,6 +226,8 @@ async def test_a_limiter_killed_five_times_under_load_loses_nothing(
         clients.stop.set()
         await running
     assert clients.answered > 20, clients.other
+    assert clients.responses, clients.other
+    await clients.read_back()
     requests, tokens, holds = await asyncio.to_thread(settled, durable, clients)
     assert (requests - before[0], tokens - before[1], holds) == (
         clients.answered,
@@ -236,12 +268,66 @@ async def test_the_app_restarted_under_load_loses_nothing(durable: DurableApp) -
     finally:
         clients.stop.set()
         await running
+    await clients.read_back()  # stored responses outlive the app
     requests, tokens, holds = await asyncio.to_thread(settled, durable, clients)
     assert (requests - before[0], tokens - before[1], holds) == (
         clients.answered,
         clients.tokens,
         0,
     ), clients.other
+
+
+async def test_a_background_response_survives_its_ingress_replica(durable: DurableApp) -> None:
+    """Its replica killed mid-run, another replica takes the run over once its lease ran
+    out, runs it again from the start, and it is billed once."""
+    store = KeyStore(durable.database)
+    try:
+        key = store.create("limits_metered", "background")[1]
+    finally:
+        store.close()
+    await asyncio.to_thread(wait_key_live, [durable.base_url], key)
+    headers = {"X-VoltageGPU-Key": key}
+    body = {"model": "tiny-chat", "input": "Hi", "background": True, "max_output_tokens": 1500}
+    async with httpx.AsyncClient(base_url=durable.base_url, timeout=60) as c:
+        queued = (await c.post("/v1/responses", json=body, headers=headers)).json()
+        path = f"/v1/responses/{queued['id']}"
+        await asyncio.to_thread(
+            wait_for,
+            lambda: (
+                httpx.get(durable.base_url + path, headers=headers).json()["status"]
+                == "in_progress"
+            ),
+            30,
+            0.05,
+        )
+        (ingress,) = replicas(durable.name, "Ingress")
+        ray.kill(ingress, no_restart=True)
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                got = (await c.get(path, headers=headers)).json()
+            except httpx.HTTPError:  # no ingress replica yet
+                got = {"status": "unreachable"}
+            if got["status"] in ("completed", "incomplete", "failed", "cancelled"):
+                break
+            assert time.monotonic() < deadline, got
+            await asyncio.sleep(0.5)
+    assert got["status"] in ("completed", "incomplete"), got
+    assert got["id"] == queued["id"] and got["output"]
+    key_id = parse_key(key)
+
+    def billed() -> tuple[int, int] | None:
+        db = Database(durable.database)
+        try:
+            row = db.one("SELECT requests, tokens FROM usage WHERE key_id = ?", (key_id,))
+        finally:
+            db.close()
+        return None if row is None else (int(row[0]), int(row[1]))
+
+    expected = (1, got["usage"]["total_tokens"])
+    with contextlib.suppress(AssertionError):
+        await asyncio.to_thread(wait_for, lambda: billed() == expected, 30, 0.5)
+    assert billed() == expected
 
 
 def stored_or_zero(app: DurableApp) -> tuple[int, int, int]:

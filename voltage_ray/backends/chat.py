@@ -22,6 +22,11 @@ from voltage_ray.backends import chat_template
 from voltage_ray.backends.grammar import Constraint, Grammars
 from voltage_ray.config import ChatSettings
 from voltage_ray.errors import BadRequest
+from voltage_ray.protocol.tools import strict_schema
+
+# OpenAI's error code for a prompt (plus max_tokens) over the model's context, as chat and the
+# Responses API report it (clients such as Codex recognise it).
+TOO_LONG = {"code": "context_length_exceeded", "param": "messages"}
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +234,8 @@ class Prompter:
         elif len(input_ids) > self.context_length:
             raise BadRequest(
                 f"This model's maximum context length is {self.context_length} tokens; the "
-                f"prompt has {len(input_ids)}."
+                f"prompt has {len(input_ids)}.",
+                details={**TOO_LONG, "prompt_tokens": len(input_ids)},
             )
         scored = request.logprobs
         return self._prepared(
@@ -272,7 +278,8 @@ class Prompter:
             if room < 1:
                 raise BadRequest(
                     f"This model's maximum context length is {self.context_length} tokens; "
-                    f"the messages use {prompt} tokens, leaving no room for a completion."
+                    f"the messages use {prompt} tokens, leaving no room for a completion.",
+                    details={**TOO_LONG, "prompt_tokens": prompt},
                 )
             return min(self.default_max_tokens, room)
         if prompt + requested > self.context_length:
@@ -280,7 +287,8 @@ class Prompter:
                 f"This model's maximum context length is {self.context_length} tokens. "
                 f"However, you requested {prompt + requested} tokens ({prompt} in the "
                 f"messages, {requested} in the completion). Please reduce the length of "
-                "the messages or max_tokens."
+                "the messages or max_tokens.",
+                details={**TOO_LONG, "prompt_tokens": prompt},
             )
         return requested
 
@@ -332,7 +340,9 @@ def constraint_of(request: Any) -> Constraint | None:
     if mode == "named":
         (tool,) = request.forced_tools
         return Constraint.of(
-            "tool_calls", tool.function.parameters_schema, f"tools[{tool.function.name}].parameters"
+            "tool_calls",
+            strict_schema(tool.function.parameters_schema),
+            f"tools[{tool.function.name}].parameters",
         )
     if mode == "required":
         calls = [
@@ -340,7 +350,7 @@ def constraint_of(request: Any) -> Constraint | None:
                 "type": "object",
                 "properties": {
                     "name": {"const": t.function.name},
-                    "parameters": t.function.parameters_schema,
+                    "parameters": strict_schema(t.function.parameters_schema),
                 },
                 "required": ["name", "parameters"],
                 "additionalProperties": False,
@@ -357,6 +367,8 @@ def constraint_of(request: Any) -> Constraint | None:
             return Constraint.regex(extension.regex, "structured_outputs.regex")
         if extension.choice is not None:
             return Constraint.choice(extension.choice, "structured_outputs.choice")
+        if extension.grammar is not None:
+            return Constraint.lark(extension.grammar, "structured_outputs.grammar")
         return Constraint.of("json_schema", extension.json_ or {}, "structured_outputs.json")
     fmt = request.response_format
     if fmt is None or fmt.type == "text":
@@ -365,4 +377,4 @@ def constraint_of(request: Any) -> Constraint | None:
         return Constraint.of("json_object", {"type": "object"}, "response_format")
     spec = fmt.json_schema
     schema = spec.schema_ if spec.schema_ is not None else {"type": "object"}
-    return Constraint.of("json_schema", schema, "response_format.json_schema.schema")
+    return Constraint.of("json_schema", strict_schema(schema), "response_format.json_schema.schema")

@@ -27,7 +27,7 @@ import numpy as np
 
 from voltage_ray.errors import BadRequest
 
-ConstraintKind = Literal["json_schema", "json_object", "tool_calls", "regex", "choice"]
+ConstraintKind = Literal["json_schema", "json_object", "tool_calls", "regex", "lark", "choice"]
 # Compact JSON with the separators json.dumps (and xgrammar, vLLM's default) writes: no freedom
 # in whitespace, so a model cannot wander off into endless blanks.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -38,7 +38,8 @@ CACHE_SIZE = 256
 class Constraint:
     """What a choice's text must be: JSON matching a schema (the JSON kinds), a regular
     expression, or one of some strings. ``spec`` is the schema as compact JSON in the client's
-    key order (properties come out in that order), the regex, or the choices as a JSON list."""
+    key order (properties come out in that order), the regex, the Lark grammar, or the choices as
+    a JSON list."""
 
     kind: ConstraintKind
     spec: str
@@ -51,6 +52,11 @@ class Constraint:
     @classmethod
     def regex(cls, pattern: str, what: str) -> Constraint:
         return cls("regex", pattern, what)
+
+    @classmethod
+    def lark(cls, grammar: str, what: str) -> Constraint:
+        """Text matching a Lark grammar (llguidance's dialect: a custom tool's ``grammar``)."""
+        return cls("lark", grammar, what)
 
     @classmethod
     def choice(cls, options: list[str], what: str) -> Constraint:
@@ -70,6 +76,8 @@ class Constraint:
 
         if self.kind == "regex":
             return str(LLMatcher.grammar_from_regex(self.spec))
+        if self.kind == "lark":
+            return str(LLMatcher.grammar_from_lark(self.spec))
         if self.kind == "choice":
             options = " | ".join(json.dumps(c, ensure_ascii=False) for c in self.choices)
             return str(LLMatcher.grammar_from_lark(f"start: {options}"))

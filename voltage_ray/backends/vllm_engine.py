@@ -123,6 +123,8 @@ def structured_outputs_kwargs(p: Prepared) -> dict[str, Any] | None:
         return None
     if c.kind == "regex":
         return {"regex": c.spec}
+    if c.kind == "lark":  # vLLM's `grammar` (its guidance backend reads Lark, as llguidance)
+        return {"grammar": c.spec}
     if c.kind == "choice":
         return {"choice": c.choices}
     return json_schema_kwargs(c.schema_dict)  # json_schema, json_object, tool_calls

@@ -84,7 +84,8 @@ class ChatServer:
             on_admit=lambda seconds, tenant: self.metrics.waited(seconds, tenant.plan),
         )
         self.prompter = self.backend.prompter
-        self._stats = {"generations": 0, "cancelled": 0, "active": 0}
+        # tokenized: requests prepared (template, tokens, grammar) here; each request once.
+        self._stats = {"generations": 0, "cancelled": 0, "active": 0, "tokenized": 0}
         logger.info(
             "chat model %s ready: engine %s, context %d, %d rows per batch",
             self.config.id,
@@ -137,18 +138,30 @@ class ChatServer:
             **state,
         }
 
-    async def prepare(self, request: ChatCompletionRequest | dict[str, Any]) -> dict[str, int]:
+    async def prepare(self, request: ChatCompletionRequest | dict[str, Any]) -> dict[str, Any]:
         """Prompt tokens and resolved max_tokens of a request (for admission), or a BadRequest
-        (a schema that cannot be enforced among them: compiled here, once, and cached)."""
+        (a schema that cannot be enforced among them: compiled here, once, and cached), and
+        ``prepared``: what :meth:`chat` and :meth:`chat_stream` then generate from, so that a
+        request is tokenized once and generates from exactly what was admitted."""
         _, p = await self._prepare(request)
-        return {"prompt_tokens": p.prompt_tokens, "max_tokens": p.max_tokens, "n": p.n}
+        return {
+            "prompt_tokens": p.prompt_tokens,
+            "max_tokens": p.max_tokens,
+            "n": p.n,
+            "prepared": p,
+        }
 
     async def _prepare(
-        self, request: ChatCompletionRequest | dict[str, Any]
+        self, request: ChatCompletionRequest | dict[str, Any], prepared: Prepared | None = None
     ) -> tuple[ChatCompletionRequest, Prepared]:
         """Validate and tokenize in a worker thread: a long prompt or a cold grammar compile
-        never blocks this replica's event loop (llguidance and tokenizers drop the GIL)."""
+        never blocks this replica's event loop (llguidance and tokenizers drop the GIL).
+        ``prepared``: what :meth:`prepare` made of this request (the body, already validated
+        by the ingress, is then only read)."""
         req = ChatCompletionRequest.model_validate(request)
+        if prepared is not None:
+            return req, prepared
+        self._stats["tokenized"] += 1
         return req, await asyncio.to_thread(self.prompter.prepare, req)
 
     def _outputs(self, req: ChatCompletionRequest, prepared: Prepared) -> list[ChoiceOutput]:
@@ -186,9 +199,12 @@ class ChatServer:
             self._export(self.backend.stats())
 
     async def chat(
-        self, request: ChatCompletionRequest | dict[str, Any], tenant: TenantArg = None
+        self,
+        request: ChatCompletionRequest | dict[str, Any],
+        tenant: TenantArg = None,
+        prepared: Prepared | None = None,
     ) -> ChatCompletionResponse:
-        req, prepared = await self._prepare(request)
+        req, prepared = await self._prepare(request, prepared)
         outputs = self._outputs(req, prepared)
         completion = cached = 0
         async for item in self._events(prepared, tenant):
@@ -207,12 +223,16 @@ class ChatServer:
         )
 
     async def chat_stream(
-        self, request: ChatCompletionRequest | dict[str, Any], tenant: TenantArg = None
+        self,
+        request: ChatCompletionRequest | dict[str, Any],
+        tenant: TenantArg = None,
+        prepared: Prepared | None = None,
     ) -> AsyncIterator[ChatCompletionChunk]:
         """Chunks of one completion, from the first token on (the role chunks come with it).
         Every chunk carries the usage so far (callers that follow OpenAI's format strip it); the
         last chunk has no choices and the final usage."""
-        req, prepared = await self._prepare(request)  # a BadRequest here precedes the first chunk
+        # a BadRequest here precedes the first chunk
+        req, prepared = await self._prepare(request, prepared)
         outputs = self._outputs(req, prepared)
         cid, created, model = completion_id(), now(), self.config.id
         row_tokens = [0] * prepared.n
@@ -244,20 +264,24 @@ class ChatServer:
 
     async def prepare_completion(
         self, request: CompletionRequest | dict[str, Any]
-    ) -> dict[str, int]:
+    ) -> dict[str, Any]:
         """As :meth:`prepare`, for a completions request: its prompts' tokens, the max_tokens
-        of each choice and the number of choices (``n`` per prompt)."""
+        of each choice, the number of choices (``n`` per prompt), and ``prepared``."""
         _, prepared = await self._prepare_completion(request)
         return {
             "prompt_tokens": sum(p.prompt_tokens for p in prepared),
             "max_tokens": prepared[0].max_tokens,
             "n": sum(p.n for p in prepared),
+            "prepared": prepared,
         }
 
     async def _prepare_completion(
-        self, request: CompletionRequest | dict[str, Any]
+        self, request: CompletionRequest | dict[str, Any], given: list[Prepared] | None = None
     ) -> tuple[CompletionRequest, list[Prepared]]:
         req = CompletionRequest.model_validate(request)
+        if given is not None:
+            return req, given
+        self._stats["tokenized"] += 1
 
         def prepare() -> list[Prepared]:
             return [self.prompter.prepare_text(prompt, req) for prompt in req.prompts]
@@ -265,9 +289,12 @@ class ChatServer:
         return req, await asyncio.to_thread(prepare)
 
     async def complete(
-        self, request: CompletionRequest | dict[str, Any], tenant: TenantArg = None
+        self,
+        request: CompletionRequest | dict[str, Any],
+        tenant: TenantArg = None,
+        prepared: list[Prepared] | None = None,
     ) -> CompletionResponse:
-        req, prepared = await self._prepare_completion(request)
+        req, prepared = await self._prepare_completion(request, prepared)
         outputs = self._completion_outputs(req, prepared)
         used, cached = [0] * len(prepared), [0] * len(prepared)
         async for _ in self._completion_pieces(req, prepared, outputs, used, cached, tenant):
@@ -283,11 +310,14 @@ class ChatServer:
         )
 
     async def complete_stream(
-        self, request: CompletionRequest | dict[str, Any], tenant: TenantArg = None
+        self,
+        request: CompletionRequest | dict[str, Any],
+        tenant: TenantArg = None,
+        prepared: list[Prepared] | None = None,
     ) -> AsyncIterator[CompletionResponse]:
         """Chunks of a completions request, each with the usage so far; the last has no
         choices and the final usage (as :meth:`chat_stream`)."""
-        req, prepared = await self._prepare_completion(request)
+        req, prepared = await self._prepare_completion(request, prepared)
         outputs = self._completion_outputs(req, prepared)
         cid, created, model = completion_id("cmpl"), now(), self.config.id
         prompt = sum(p.prompt_tokens for p in prepared)

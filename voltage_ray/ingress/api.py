@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from voltage_ray import __version__
-from voltage_ray.ingress import chat, completions, embeddings, errors, images, models
+from voltage_ray.ingress import chat, completions, embeddings, errors, images, models, responses
 from voltage_ray.ingress.guards import BodySizeLimit
 from voltage_ray.ingress.observe import RequestMetrics
 
@@ -44,6 +44,7 @@ def create_api(ingress: Services) -> FastAPI:
     for prefix in PREFIXES:
         app.include_router(chat.router, prefix=prefix)
         app.include_router(completions.router, prefix=prefix)
+        app.include_router(responses.router, prefix=prefix)
         app.include_router(embeddings.router, prefix=prefix)
         app.include_router(images.router, prefix=prefix)
         app.include_router(models.router, prefix=prefix)

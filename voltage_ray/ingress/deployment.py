@@ -12,6 +12,7 @@ import asyncio
 import collections
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -37,7 +38,8 @@ from voltage_ray.errors import (
 from voltage_ray.ingress.api import create_api
 from voltage_ray.ingress.auth import client_address, presented_key
 from voltage_ray.ingress.coalesce import Coalescer
-from voltage_ray.ingress.services import Ticket
+from voltage_ray.ingress.response_runs import BackgroundRuns
+from voltage_ray.ingress.services import Runs, Ticket
 from voltage_ray.ingress.settlement import REQUEST, SettleBeforeLastByte
 from voltage_ray.limits.client import LimiterClient, get_or_create_limiter
 from voltage_ray.limits.idempotency import (
@@ -123,6 +125,10 @@ class Ingress:
         self._occupied: dict[str, collections.Counter[str]] = {
             m.id: collections.Counter() for m in self.config.models
         }  # model id -> requests let in, per API key
+        self.responses = self.limiter.responses  # stored responses, in the database
+        owner = replica_owner()
+        self.runs: Runs = BackgroundRuns(self, owner[0] if owner else f"process-{os.getpid()}")
+        self.runs.sweep()  # take over the background responses of replicas that died
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = create_api(self)

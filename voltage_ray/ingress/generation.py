@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from voltage_ray.config import ModelConfig
+from voltage_ray.errors import VoltageError
 from voltage_ray.ingress import failover, guards, observe, sse
 from voltage_ray.ingress.deps import get_ingress
 from voltage_ray.ingress.errors import request_id
 from voltage_ray.protocol.common import Usage
 
 if TYPE_CHECKING:
-    from voltage_ray.ingress.services import Services
+    from voltage_ray.ingress.services import Services, Ticket
     from voltage_ray.limits.limiter import Principal
 
 
@@ -50,23 +51,8 @@ async def generate(
     limits = ingress.config.request_limits
     endpoint = request.url.path
     tries = failover.Tries.at(endpoint)
-
-    def method(target: ModelConfig, name: str, stream: bool = False) -> Any:
-        handle = ingress.handles[target.id]
-        return getattr(handle.options(stream=True) if stream else handle, name)
-
-    async def prepare(target: ModelConfig) -> dict[str, int]:
-        return await failover.result(method(target, calls.prepare).remote(body))
-
     key = principal.key_id
-
-    # Prompt tokens, max_tokens and choices, or a 400.
-    budget = await guards.within(
-        failover.call(ingress, model, tries, prepare, "prepare", key),
-        limits.chat_timeout_s,
-        calls.title,
-    )
-    reserve = budget["prompt_tokens"] + budget["max_tokens"] * budget["n"]
+    reserve, prepared = await reservation(ingress, body, model, calls, tries, key)
     tags = {"model": model.id, "plan": principal.plan}
     service_tier = getattr(body, "service_tier", None)
     if not body.stream:
@@ -76,7 +62,10 @@ async def generate(
             tenant = ticket.tenant(service_tier)
 
             async def whole(target: ModelConfig) -> Any:
-                return await failover.result(method(target, calls.whole).remote(body, tenant))
+                made = prepared if target.id == model.id else None  # a fallback prepares anew
+                return await failover.result(
+                    method(ingress, target, calls.whole).remote(body, tenant, made)
+                )
 
             response = await guards.within(
                 failover.call(ingress, model, tries, whole, key=key),
@@ -88,55 +77,123 @@ async def generate(
         headers = {**ticket.headers, **tries.headers()}
         return JSONResponse(response.model_dump(mode="json"), headers=headers)
 
-    ticket = await ingress.admit(principal, endpoint=endpoint, model=body.model, tokens=reserve)
-    tenant = ticket.tenant(service_tier)
-    usage: dict[str, Usage | None] = {"so_far": None}
-
-    async def open_stream(target: ModelConfig) -> tuple[Any, Any]:
-        gen = method(target, calls.stream, stream=True).remote(body, tenant)
-        return await sse.first_item(gen), gen
-
-    try:
-        first, gen = await guards.within(
-            failover.call(ingress, model, tries, open_stream, key=key),
-            limits.chat_timeout_s,
-            calls.title,
-        )
-    except BaseException:
-        await asyncio.shield(ingress.settle(ticket))
-        raise
+    stream = await open_stream(ingress, body, principal, model, calls, tries, reserve, prepared)
     ingress.metrics.ttft.observe(observe.since_arrival(request.state), tags={"model": model.id})
     include_usage = body.include_usage
 
     def render(chunk: Any) -> str | None:
-        # Chunks carry the usage so far: it settles a stream the client abandoned.
-        if chunk.usage is not None:
-            usage["so_far"] = chunk.usage
+        stream.note(chunk)  # the usage so far settles a stream the client abandoned
         if not chunk.choices:  # the final usage chunk
             return str(chunk.model_dump_json()) if include_usage else None
         if include_usage:  # OpenAI: usage is null on every chunk but the last
             return str(chunk.model_copy(update={"usage": None}).model_dump_json())
         return str(chunk.model_dump_json(exclude={"usage"}))
 
-    async def close(failure: BaseException | None) -> None:
-        used = usage["so_far"]
-        await ingress.settle(ticket, tokens=used.total_tokens if used else 0)
-        if used is not None:
-            count_tokens(ingress, endpoint, tags, used)
-
-    opened = time.monotonic()
     frames = sse.relay(
-        first,
-        gen,
+        stream.first,
+        stream.gen,
         render,
         endpoint=endpoint,
         rid=request_id(request),
-        on_close=close,
+        on_close=stream.close,
         timeout_s=limits.chat_timeout_s,
-        explain=lambda exc: failover.lost_mid_stream(exc, tries, opened),
+        explain=stream.explain,
     )
-    headers = {**sse.HEADERS, **ticket.headers, **tries.headers()}
+    headers = {**sse.HEADERS, **stream.ticket.headers, **tries.headers()}
     return StreamingResponse(frames, media_type="text/event-stream", headers=headers)
+
+
+def method(ingress: Services, target: ModelConfig, name: str, stream: bool = False) -> Any:
+    """A ChatServer method of ``target``'s deployment (a streaming call where ``stream``)."""
+    handle = ingress.handles[target.id]
+    return getattr(handle.options(stream=True) if stream else handle, name)
+
+
+async def reservation(
+    ingress: Services, body: Any, model: ModelConfig, calls: Calls, tries: failover.Tries, key: str
+) -> tuple[int, Any]:
+    """The tokens a request may at most use (prompt, plus max_tokens per choice), from the
+    model's tokenizer, and what the replica prepared (template, tokens, grammar), which the
+    generation call then takes instead of preparing again; a 400 for a request the model
+    cannot serve (past its context...)."""
+
+    async def prepare(target: ModelConfig) -> dict[str, Any]:
+        return await failover.result(method(ingress, target, calls.prepare).remote(body))
+
+    budget = await guards.within(
+        failover.call(ingress, model, tries, prepare, "prepare", key),
+        ingress.config.request_limits.chat_timeout_s,
+        calls.title,
+    )
+    reserve = int(budget["prompt_tokens"] + budget["max_tokens"] * budget["n"])
+    # Prepared by a fallback (the model's replicas gone): the generation call prepares anew.
+    made_by_model = tries.attempts and not tries.attempts[-1].step.startswith("fallback")
+    return reserve, budget.get("prepared") if made_by_model else None
+
+
+@dataclass
+class Stream:
+    """An admitted generation whose first chunk arrived: the chunks come from ``first`` then
+    ``gen``. :meth:`note` each chunk (the usage so far), and :meth:`close` once: it settles
+    what was used (a stream the client abandoned: the usage so far) and counts the tokens."""
+
+    ingress: Services
+    first: Any
+    gen: Any
+    ticket: Ticket
+    tries: failover.Tries
+    tags: dict[str, str]
+    opened: float = field(default_factory=time.monotonic)
+    usage: Usage | None = None
+
+    def note(self, chunk: Any) -> None:
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+
+    async def close(self, failure: BaseException | None = None) -> None:
+        used = self.usage
+        await self.ingress.settle(self.ticket, tokens=used.total_tokens if used else 0)
+        if used is not None:
+            count_tokens(self.ingress, self.ticket.endpoint, self.tags, used)
+
+    def explain(self, exc: BaseException) -> VoltageError | None:
+        """A replica lost mid-stream: a 503 saying the request may be retried."""
+        return failover.lost_mid_stream(exc, self.tries, self.opened)
+
+
+async def open_stream(
+    ingress: Services,
+    body: Any,
+    principal: Principal,
+    model: ModelConfig,
+    calls: Calls,
+    tries: failover.Tries,
+    reserve: int,
+    prepared: Any = None,
+) -> Stream:
+    """Admit ``body`` (reserving ``reserve`` tokens) and open its stream on ``model`` (or a
+    fallback), within the chat deadline; the admission is settled unused if that fails.
+    ``prepared``: what ``model``'s replica made of ``body`` (a fallback prepares anew)."""
+    endpoint = tries.url
+    ticket = await ingress.admit(principal, endpoint=endpoint, model=body.model, tokens=reserve)
+    tenant = ticket.tenant(getattr(body, "service_tier", None))
+
+    async def start(target: ModelConfig) -> tuple[Any, Any]:
+        made = prepared if target.id == model.id else None
+        gen = method(ingress, target, calls.stream, stream=True).remote(body, tenant, made)
+        return await sse.first_item(gen), gen
+
+    try:
+        first, gen = await guards.within(
+            failover.call(ingress, model, tries, start, key=principal.key_id),
+            ingress.config.request_limits.chat_timeout_s,
+            calls.title,
+        )
+    except BaseException:
+        await asyncio.shield(ingress.settle(ticket))
+        raise
+    tags = {"model": model.id, "plan": principal.plan}
+    return Stream(ingress, first, gen, ticket, tries, tags)
 
 
 def count_tokens(ingress: Services, endpoint: str, tags: dict[str, str], usage: Usage) -> None:

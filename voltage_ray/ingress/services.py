@@ -46,6 +46,16 @@ class Ticket:
         return Tenant(self.principal.key_id, priority, self.principal.plan)
 
 
+class Runs(Protocol):
+    """The background responses a replica runs (``response_runs.BackgroundRuns``)."""
+
+    owner: str  # the name its leases carry
+
+    def launch(self, coro: Any) -> None: ...
+
+    def sweep(self) -> None: ...
+
+
 class Services(Protocol):
     """The ingress replica as the routes and failover see it."""
 
@@ -55,6 +65,8 @@ class Services(Protocol):
     deployment_names: dict[str, str]  # model id -> Serve deployment name
     by_name: dict[str, ModelConfig]  # every id and alias
     by_id: dict[str, ModelConfig]
+    responses: Any  # the stored responses (``limits.client.ResponsesClient``)
+    runs: Runs
 
     # --- callers and their limits ---
     async def authenticate(self, request: Request) -> Principal: ...

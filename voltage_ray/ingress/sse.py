@@ -48,8 +48,13 @@ async def relay(
     on_close: Callable[[BaseException | None], Awaitable[None]] | None = None,
     timeout_s: float | None = None,
     explain: Callable[[BaseException], VoltageError | None] | None = None,
+    framed: bool = False,
+    error_frame: Callable[[VoltageError], str] | None = None,
 ) -> AsyncIterator[str]:
     """SSE frames from a handle stream: ``render`` maps an item to a JSON payload or None.
+
+    ``framed``: ``render`` returns whole frames (the Responses API's ``event:`` lines), and
+    the stream ends without ``[DONE]``; ``error_frame`` then renders the error that ends it.
 
     With ``timeout_s``, the model call is cancelled when the deadline passes, also while the
     client has stopped reading, and the stream ends with a 504 error frame. ``explain`` gives
@@ -58,16 +63,18 @@ async def relay(
     deadline = Deadline(gen, timeout_s) if timeout_s else None
     failure: BaseException | None = None
     finished = False
+    wrap = (lambda payload: payload) if framed else frame
     try:
         payload = render(first)
         if payload is not None:
-            yield frame(payload)
+            yield wrap(payload)
         async for item in gen:
             payload = render(item)
             if payload is not None:
-                yield frame(payload)
+                yield wrap(payload)
         finished = True
-        yield DONE
+        if not framed:
+            yield DONE
     except asyncio.CancelledError as exc:  # the client went away
         failure = exc
         raise
@@ -79,8 +86,11 @@ async def relay(
             err = deadline.error()
         else:
             err = known or to_voltage_error(exc, endpoint, rid)
-        extra = {"request_id": rid} if err.status >= 500 else {}
-        yield frame(json.dumps(err.body(endpoint, **extra)))
+        if error_frame is not None:
+            yield error_frame(err)
+        else:
+            extra = {"request_id": rid} if err.status >= 500 else {}
+            yield frame(json.dumps(err.body(endpoint, **extra)))
     finally:
         if deadline:
             deadline.close()

@@ -15,6 +15,12 @@ of replicas that died. It keeps the holds it was granted until the limiter has t
 settlements: when it meets a new limiter incarnation (every exchange answers with the epoch) it
 registers again naming them, and the new incarnation voids the restored holds of this replica
 that it does not name (admissions whose answer was lost when the old incarnation died).
+
+Stored responses (``/v1/responses``) are read and written through the limiter too, which owns
+the database: ``client.responses`` (:class:`ResponsesClient`) has one method per store operation
+(``put``, ``get``, ``delete``, ``finish``, ``set_status``, ``cancel``, ``claim``, ``renew``),
+each one call answered once committed, and a 503 like any other call while the limiter is
+unavailable (after up to ``timeout_s``).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from voltage_ray.limits import limiter as limiter_mod
 from voltage_ray.limits.idempotency import Answer, InProgress, Replay
 from voltage_ray.limits.keyring import KeyRing
 from voltage_ray.limits.limiter import Grant, Idem, Settlement
+from voltage_ray.limits.responses import Status, StoredResponse
 from voltage_ray.limits.usage import HoldId
 
 logger = logging.getLogger(__name__)
@@ -71,6 +78,7 @@ class LimiterClient:
         self._busy = False
         self._work = self._admitted = asyncio.Event()  # replaced on the running loop
         self._task: asyncio.Task[None] | None = None
+        self.responses = ResponsesClient(self)
 
     async def call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
         """One direct call; 503 while the limiter is unavailable.
@@ -240,6 +248,50 @@ class LimiterClient:
         deadline = time.monotonic() + timeout_s
         while (self._settles or self._admits or self._busy) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+
+
+class ResponsesClient:
+    """Stored responses through the limiter (``limits/responses.py`` says what each does).
+
+    Each method is one direct call, answered once the change is committed; a 503
+    (:class:`ServiceUnavailable`) while the limiter is unavailable. A missing, expired or other
+    key's response is None (or False) alike: answer 404, revealing nothing."""
+
+    def __init__(self, client: LimiterClient) -> None:
+        self._client = client
+
+    async def _op(self, op: str, *args: Any) -> Any:
+        return await self._client.call("response", op, *args)
+
+    async def put(self, record: StoredResponse) -> None:
+        await self._op("put", record)
+
+    async def get(self, response_id: str, owner: str) -> StoredResponse | None:
+        return await self._op("get", response_id, owner)
+
+    async def delete(self, response_id: str, owner: str) -> bool:
+        return bool(await self._op("delete", response_id, owner))
+
+    async def finish(
+        self,
+        response_id: str,
+        response: dict[str, Any],
+        status: Status,
+        conversation: list[dict[str, Any]],
+    ) -> bool:
+        return bool(await self._op("finish", response_id, response, status, conversation))
+
+    async def set_status(self, response_id: str, status: Status, response: dict[str, Any]) -> bool:
+        return bool(await self._op("set_status", response_id, status, response))
+
+    async def cancel(self, response_id: str, owner: str) -> StoredResponse | None:
+        return await self._op("cancel", response_id, owner)
+
+    async def claim(self, lease_owner: str, lease_s: float, limit: int) -> list[StoredResponse]:
+        return list(await self._op("claim", lease_owner, lease_s, limit))
+
+    async def renew(self, response_id: str, lease_owner: str, lease_s: float) -> str | None:
+        return await self._op("renew", response_id, lease_owner, lease_s)
 
 
 # --- finding the actor ------------------------------------------------------------------------

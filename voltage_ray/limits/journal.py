@@ -11,13 +11,20 @@ SQLite's ``synchronous=FULL``).
 
 A write that fails leaves memory ahead of the disk; the limiter must not answer from that state,
 so ``lost`` is called (the actor exits, and Ray restarts it from the database).
+
+The commits run on the journal's one thread (:class:`Writer`). With SQLite every other write of
+the limiter (stored responses, ``limits/responses.py``) runs there too, on the same connection
+(two writing connections would meet the file's write lock, whose busy handler sleeps), after the
+group commits waiting: an admission waits for at most the one such write already under way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +54,61 @@ class Dirty:
             self.gone_holds.add(hold)
 
 
+Job = tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]]
+
+
+class Writer:
+    """One thread that runs every database write of the limiter, urgent work first: a group
+    commit never waits behind a queue of other work, only behind the piece under way."""
+
+    def __init__(self, name: str = "journal") -> None:
+        self._urgent: collections.deque[Job | None] = collections.deque()
+        self._other: collections.deque[Job | None] = collections.deque()
+        self._ready = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(
+        self, fn: Callable[..., Any], *args: Any, urgent: bool = False
+    ) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._ready:
+            if self._closed:
+                raise RuntimeError("the writer is closed")
+            (self._urgent if urgent else self._other).append((future, fn, args))
+            self._ready.notify()
+        return future
+
+    async def run(self, fn: Callable[..., Any], *args: Any, urgent: bool = False) -> Any:
+        """``fn(*args)`` on the thread; its result. A caller cancelled before it starts
+        cancels it."""
+        return await asyncio.wrap_future(self.submit(fn, *args, urgent=urgent))
+
+    def close(self) -> None:
+        """Stop once the work queued so far is done."""
+        with self._ready:
+            self._closed = True
+            self._other.append(None)
+            self._ready.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._ready:
+                while not (self._urgent or self._other):
+                    self._ready.wait()
+                job = (self._urgent or self._other).popleft()
+            if job is None:
+                return
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # the caller's to handle
+                future.set_exception(exc)
+
+
 class Journal:
     """The limiter's group commit to ``db``. ``snapshot(dirty)`` (called under ``lock``'s write
     lock) turns what changed into the rows to write and clears ``dirty``."""
@@ -67,8 +129,7 @@ class Journal:
         self.committed = 0  # every change up to this one is on disk
         self.commits = 0
         self._writing: asyncio.Task[None] | None = None
-        # One thread of its own: a commit never waits behind other work for a pool thread.
-        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="journal")
+        self.writer = Writer()  # every write to ``db``, the group commits first
 
     def changed(self) -> int:
         """A state change was made (under the write lock): its number."""
@@ -88,9 +149,7 @@ class Journal:
             changes = self.snapshot(self.dirty)
         if changes:
             try:
-                await asyncio.get_running_loop().run_in_executor(
-                    self._writer, usage_db.write, self.db, changes
-                )
+                await self.writer.run(usage_db.write, self.db, changes, urgent=True)
             except BaseException as exc:
                 logger.critical("a group commit failed: the limiter stops (%r)", exc)
                 self.lost(exc)
@@ -104,3 +163,8 @@ class Journal:
         if changes:
             usage_db.write(self.db, changes)
         self.committed = self.changes
+
+    def close(self) -> None:
+        """Close the database once the writes queued so far are done."""
+        self.writer.submit(self.db.close)
+        self.writer.close()

@@ -21,6 +21,11 @@ are voided (``limits/owners.py``), and a replica that registers with a new incar
 holds it still has, so the others (admissions whose answer was lost with the old incarnation)
 are voided too. Requests sent with an ``Idempotency-Key`` are answered and billed once however
 often they come (``limits/idempotency.py``; kept answers live in memory: a restart forgets them).
+
+It also keeps the stored responses of ``/v1/responses`` (``limits/responses.py``) for every
+ingress replica: :meth:`response` runs one store operation off the event loop (with SQLite on the
+journal's writer thread, after any group commit waiting) and answers once it is committed.
+Expired responses are deleted at start and every ``RESPONSES_EXPIRE_S``.
 """
 
 from __future__ import annotations
@@ -53,10 +58,11 @@ from voltage_ray.limits import quota
 from voltage_ray.limits import usage as usage_db
 from voltage_ray.limits.db import Database
 from voltage_ray.limits.idempotency import Answer, Answers, InProgress, Replay
-from voltage_ray.limits.journal import Dirty, Journal
+from voltage_ray.limits.journal import Dirty, Journal, Writer
 from voltage_ray.limits.keys import KeyRecord, KeyStore, KeyUpdate
 from voltage_ray.limits.owners import Owners
 from voltage_ray.limits.plans import Plan, load_plans
+from voltage_ray.limits.responses import EXPIRE_BATCH, ResponseStore
 from voltage_ray.limits.usage import Changes, HoldId, HoldRow
 
 logger = logging.getLogger(__name__)
@@ -67,6 +73,11 @@ AUTH_CACHE_TTL_S = 2.0  # revoked keys are refused within this, if no ingress sy
 PLANS_RELOAD_S = 2.0
 OWNER_CHECK_S = 2.0  # how often the ingress replicas holding admissions are asked if alive
 OWNER_PING_TIMEOUT_S = 5.0
+RESPONSES_EXPIRE_S = 600.0  # how often expired stored responses are deleted
+# The ResponseStore methods that response() runs (see limits/responses.py for each).
+RESPONSE_OPS = frozenset(
+    {"put", "get", "delete", "finish", "set_status", "cancel", "claim", "renew", "expire"}
+)
 DEFAULT_OPTIONS: dict[str, Any] = {
     "flush_interval_s": 0.5,  # how often expiries are looked for (and written)
     "reservation_ttl_s": 1800.0,
@@ -161,6 +172,7 @@ class Limiter:
         self.lost = exit_now  # what a failed group commit does (tests replace it)
         self._expirer: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._response_expirer: asyncio.Task[None] | None = None
         self.calls: collections.Counter[str] = collections.Counter()  # by method, for info()
         self.decided: collections.Counter[int] = collections.Counter()  # admissions by status
         self.draining = False  # set by drain(): admissions are refused with a 503
@@ -172,8 +184,9 @@ class Limiter:
         self.db_path = db_path
         self.store = KeyStore(db_path)
         usage_db.ensure_schema(self.store.db)
-        writer = Database(db_path)  # used only by group commits, off the event loop
+        writer = Database(db_path)  # used only on the journal's writer thread
         self.journal = Journal(writer, self.lock, self._snapshot, lambda e: self.lost(e))
+        self._open_responses(writer)
         self.epoch = uuid.uuid4().hex
         self._tickets = itertools.count(1)
         self._records: dict[str, tuple[float, KeyRecord | None]] = {}
@@ -199,6 +212,17 @@ class Limiter:
             logger.info("limiter restarted with %d outstanding holds", len(restored))
         self._bootstrap_key()
 
+    def _open_responses(self, writer: Database) -> None:
+        """Stored responses. SQLite has one writer at a time: they share the journal's thread
+        and connection, after the group commits waiting (two connections would meet the write
+        lock, whose busy handler sleeps). PostgreSQL commits both side by side: they get a
+        connection and thread of their own, so an admission never waits for one."""
+        if writer.dialect == "sqlite":
+            self.responses, self._responses_writer = ResponseStore(writer), self.journal.writer
+        else:
+            self.responses = ResponseStore(Database(self.db_path))
+            self._responses_writer = Writer("responses")
+
     # --- configuration -----------------------------------------------------------------------
 
     async def configure(
@@ -216,7 +240,10 @@ class Limiter:
             )
             if db_path != self.db_path:
                 self.store.close()
-                self.journal.db.close()
+                self.journal.close()
+                if self._responses_writer is not self.journal.writer:
+                    self._responses_writer.submit(self.responses.db.close)
+                    self._responses_writer.close()
                 self._open(db_path)
             if plans_path != self.plans_path:
                 self.plans_path = plans_path
@@ -563,6 +590,8 @@ class Limiter:
             self._expirer = loop.create_task(self._expire_loop())
         if self._watcher is None or self._watcher.done():
             self._watcher = loop.create_task(self._watch_loop())
+        if self._response_expirer is None or self._response_expirer.done():
+            self._response_expirer = loop.create_task(self._expire_responses_loop())
 
     async def _watch_loop(self) -> None:
         while True:
@@ -596,6 +625,33 @@ class Limiter:
                 await self.flush()
             except Exception:
                 logger.exception("expiring reservations failed; retrying")
+
+    async def _expire_responses_loop(self) -> None:
+        while True:
+            try:
+                deleted = 0
+                while True:  # a batch at a time: group commits go between them
+                    batch = await self.response("expire", None, EXPIRE_BATCH)
+                    deleted += batch
+                    if batch < EXPIRE_BATCH:
+                        break
+                if deleted:
+                    logger.info("deleted %d expired stored responses", deleted)
+            except Exception:
+                logger.exception("expiring stored responses failed; retrying")
+            await asyncio.sleep(RESPONSES_EXPIRE_S)
+
+    # --- stored responses --------------------------------------------------------------------
+
+    async def response(self, op: str, *args: Any) -> Any:
+        """Run ``ResponseStore.<op>(*args)`` (``op`` in RESPONSE_OPS) on the writer thread, after
+        the group commits waiting for it; its result, once committed. The ingress calls it
+        through ``LimiterClient.responses``."""
+        if op not in RESPONSE_OPS:
+            raise ValueError(f"unknown stored-response operation {op!r}")
+        self.calls[f"response.{op}"] += 1
+        self._start_tasks()
+        return await self._responses_writer.run(getattr(self.responses, op), *args)
 
     def _snapshot(self, dirty: Dirty) -> Changes:
         """The rows that changed (copies), for the journal; marks them clean."""

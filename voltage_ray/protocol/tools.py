@@ -116,18 +116,21 @@ ResponseFormat = Annotated[
 
 class StructuredOutputs(RequestModel):
     """Extension (vLLM's ``structured_outputs``, as vLLM clients send it in ``extra_body``):
-    the text must match a regular expression, be one of ``choice``, or match a JSON schema.
-    Exactly one of them."""
+    the text must match a regular expression, be one of ``choice``, match a JSON schema, or
+    match a Lark ``grammar``. Exactly one of them."""
 
     json_: dict[str, Any] | None = Field(default=None, alias="json")
     regex: str | None = Field(default=None, min_length=1)
     choice: list[str] | None = Field(default=None, min_length=1)
+    grammar: str | None = Field(default=None, min_length=1)  # Lark, as vLLM's guidance backend
 
     @model_validator(mode="after")
     def _one(self) -> StructuredOutputs:
-        given = [v for v in (self.json_, self.regex, self.choice) if v is not None]
+        given = [v for v in (self.json_, self.regex, self.choice, self.grammar) if v is not None]
         if len(given) != 1:
-            raise ValueError("structured_outputs takes exactly one of json, regex and choice")
+            raise ValueError(
+                "structured_outputs takes exactly one of json, regex, choice and grammar"
+            )
         return self
 
 
