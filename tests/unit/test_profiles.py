@@ -73,3 +73,18 @@ def test_gpu_profile_runs_chat_on_vllm_and_says_when_vllm_is_missing() -> None:
         pytest.skip("vllm is installed here")
     with pytest.raises(ConfigError, match=r"pip install 'voltage_ray\[vllm\]'"):
         build_app(load_args(REPO / "configs" / "gpu.yaml"))
+
+
+def test_vllm_cpu_profile_runs_its_chat_replica_in_the_vllm_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """configs/vllm-cpu.yaml, built from the checkout: the chat replica asks no GPU and runs in
+    .venv-vllm (made absolute, the venv's own python, not its symlink's target)."""
+    monkeypatch.chdir(REPO)
+    deps = deployments(REPO / "configs" / "vllm-cpu.yaml")
+    chat = deps["chat-SmolLM2-135M-Instruct"]
+    assert chat.init_args[0]["chat"]["engine"] == "vllm"
+    assert chat.ray_actor_options.get("num_gpus", 0) == 0
+    python = chat.ray_actor_options["runtime_env"]["py_executable"]
+    assert python == str(REPO / ".venv-vllm" / "bin" / "python")
+    assert "runtime_env" not in deps["Ingress"].ray_actor_options

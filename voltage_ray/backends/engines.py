@@ -5,9 +5,10 @@ ending with :class:`Finished` (tokens per choice); leaving the stream early (the
 away, a deadline passed) cancels the generation. Three engines implement it: ``transformers``
 (voltage_ray's continuous-batching scheduler over a transformers model, CPU and GPU),
 ``llama_cpp`` (the same scheduler over llama.cpp, GGUF on CPU; ``backends/llama_cpp_engine.py``)
-and ``vllm`` (vLLM's ``AsyncLLM``, GPU; ``backends/vllm_engine.py``). All build prompts with the
-same :class:`Prompter`, so token counts, the context check, usage and finish reasons agree
-whichever engine runs; ``backends/factory.py`` picks one per model.
+and ``vllm`` (vLLM's ``AsyncLLM``: its CUDA build on GPU, its CPU build in an environment of its
+own; ``backends/vllm_engine.py``). All build prompts with the same :class:`Prompter`, so token
+counts, the context check, usage and finish reasons agree whichever engine runs;
+``backends/factory.py`` picks one per model.
 """
 
 from __future__ import annotations
