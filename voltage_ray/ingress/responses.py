@@ -27,7 +27,7 @@ from voltage_ray.ingress.deps import get_ingress, get_principal
 from voltage_ray.ingress.errors import request_id
 from voltage_ray.ingress.generation import CHAT, Stream, open_stream, reservation
 from voltage_ray.ingress.response_runs import Run
-from voltage_ray.protocol.response_chat import chat_request, parse_items
+from voltage_ray.protocol.response_chat import chat_request, defaults, parse_items
 from voltage_ray.protocol.response_events import InputTokens, ResponseDeleted
 from voltage_ray.protocol.response_events import sse as event_frame
 from voltage_ray.protocol.response_items import (
@@ -140,7 +140,7 @@ async def count_input_tokens(
     history = await previous(ingress, body.previous_response_id, principal)
     inputs = [item_resource(i) for i in resolve_references(body, history)]
     probe = CreateResponseRequest.model_construct(
-        **{**_defaults(), **dict(body), "model": model.id, "max_output_tokens": None}
+        **{**defaults(CreateResponseRequest), **dict(body), "model": model.id}
     )
     chat = chat_request(probe, parse_items(history + inputs), model.id)
     tries = failover.Tries.at(request.url.path)
@@ -355,11 +355,3 @@ def _too_long(exc: BaseException) -> bool:
     return isinstance(cause, VoltageError) and cause.details.get("code") == (
         "context_length_exceeded"
     )
-
-
-def _defaults() -> dict[str, Any]:
-    return {
-        name: f.get_default(call_default_factory=True)
-        for name, f in CreateResponseRequest.model_fields.items()
-        if not f.is_required()
-    }

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import TypeAdapter
+from pydantic import BaseModel, TypeAdapter
 
 from voltage_ray.protocol.chat import (
     ChatCompletionChunk,
@@ -110,14 +110,15 @@ def chat_request(
             fields["tools"] = tools
             fields["tool_choice"] = request.chat_tool_choice
         fields["response_format"] = request.response_format
-    return ChatCompletionRequest.model_construct(**{**_defaults(), **fields})
+    return ChatCompletionRequest.model_construct(**{**defaults(ChatCompletionRequest), **fields})
 
 
-def _defaults() -> dict[str, Any]:
-    """Every chat field at its default (``model_construct`` fills none but those given)."""
+def defaults(model: type[BaseModel]) -> dict[str, Any]:
+    """Every optional field of ``model`` at its default (``model_construct`` fills in none but
+    those it is given)."""
     return {
         name: f.get_default(call_default_factory=True)
-        for name, f in ChatCompletionRequest.model_fields.items()
+        for name, f in model.model_fields.items()
         if not f.is_required()
     }
 
