@@ -82,13 +82,6 @@ class NotFound(VoltageError):
     default_message = "Not found"
 
 
-class MethodNotAllowed(VoltageError):
-    """405: the route exists but not for this method."""
-
-    status = 405
-    default_message = "Method not allowed"
-
-
 class Conflict(VoltageError):
     """409: a request with the same Idempotency-Key is still being answered; retry shortly."""
 

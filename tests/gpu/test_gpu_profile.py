@@ -437,7 +437,7 @@ def test_embeddings_float_and_base64(app: GpuApp, client: Any) -> None:
     import httpx
     import numpy as np
 
-    from voltage_ray.protocol.embeddings import decode_base64
+    from tests.base64_vectors import decode_base64
 
     texts = ["the quick brown fox", "a city at sunset", "tell me a story"]
     result = client.embeddings.create(

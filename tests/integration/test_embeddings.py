@@ -12,8 +12,8 @@ import numpy as np
 import openai
 import pytest
 
+from tests.base64_vectors import decode_base64
 from tests.integration.conftest import ServedApp
-from voltage_ray.protocol.embeddings import decode_base64
 
 MODEL = "all-MiniLM-L6-v2"
 ALIAS = "text-embedding-ada-002"

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from tests.base64_vectors import decode_base64
 from voltage_ray.protocol.embeddings import (
     MAX_INPUTS,
     EmbeddingRequest,
     EmbeddingResponse,
     build_response,
-    decode_base64,
     encode_vector,
 )
 

@@ -77,10 +77,6 @@ def llama_cpp_unavailable() -> str | None:
     return None
 
 
-def llama_cpp_available() -> bool:
-    return llama_cpp_unavailable() is None
-
-
 @functools.cache
 def _binding() -> Any:
     """The ctypes module of llama-cpp-python, with the backend started and its log routed."""

@@ -162,21 +162,3 @@ class ModelCard(ResponseModel):
 class ModelList(ResponseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class ErrorDetails(ResponseModel):
-    model_config = ConfigDict(extra="allow")
-
-    status: int
-    endpoint: str
-
-
-class ErrorBody(ResponseModel):
-    """Spec `Error`: `{"error": message, "details": {"status", "endpoint", ...}}`."""
-
-    error: str
-    details: ErrorDetails
-
-    @classmethod
-    def make(cls, message: str, status: int, endpoint: str, **extra: Any) -> dict[str, Any]:
-        return {"error": message, "details": {"status": status, "endpoint": endpoint, **extra}}

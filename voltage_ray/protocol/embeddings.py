@@ -125,11 +125,6 @@ def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str
     return floats
 
 
-def decode_base64(data: str) -> np.ndarray:
-    """The inverse of ``encode_vector(..., "base64")``."""
-    return np.frombuffer(base64.b64decode(data), dtype="<f4")
-
-
 def build_response(
     vectors: np.ndarray, *, model: str, prompt_tokens: int, encoding_format: str
 ) -> EmbeddingResponse:
