@@ -16,6 +16,7 @@ import pytest
 
 from tests.integration.conftest import CACHE_DIR, ServedApp
 from tests.integration.test_limits import settled
+from tests.integration.test_structured import HERMES_CALL, TIME, WEATHER, WEATHER_Q
 from tests.vllm_serve.conftest import CHAT_TIMEOUT_S, SMOL
 
 QUESTION = [{"role": "user", "content": "Write two sentences about the sea."}]
@@ -31,41 +32,6 @@ PERSON = {
     "required": ["name", "age", "role"],
     "additionalProperties": False,
 }
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 10},
-                "unit": {"enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
-TIME = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {
-            "type": "object",
-            "properties": {"zone": {"enum": ["UTC", "CET"]}},
-            "required": ["zone"],
-            "additionalProperties": False,
-        },
-    },
-}
-WEATHER_Q = [{"role": "user", "content": "What is the weather in Paris, in celsius?"}]
-# The model's own Hermes format, written because a regex (the structured_outputs extension)
-# leaves no other text: what tool_choice auto then parses.
-HERMES_CALL = (
-    r'I will check\.\n<tool_call>\n\{"name": "get_time", "arguments": \{"zone": "(UTC|CET)"\}\}'
-    r"\n</tool_call>"
-)
 # Longer than vLLM's KV block on CPU (prefix caching reuses whole blocks).
 LONG_SYSTEM = " ".join(
     f"Rule {i}: answer briefly, politely and truthfully, in plain English." for i in range(30)

@@ -74,7 +74,7 @@ async def create_response(
     extra += sum(len(json.dumps(t.function.model_dump())) for t in whole.tools or [])
     guards.at_most(extra, limits.chat_max_prompt_chars, "The tools and calls in characters")
     conversation, chat, reserve, prepared = await fitted(
-        ingress, body, history, inputs, model, tries, principal.key_id
+        ingress, body, history, inputs, whole, model, tries, principal.key_id
     )
     builder = ResponseBuilder(body, response_id=new_id("resp"), created_at=int(time.time()))
     run = Run(ingress, body, principal, builder, inputs, conversation, chat, model)
@@ -309,11 +309,13 @@ async def fitted(
     body: CreateResponseRequest,
     history: list[dict[str, Any]],
     inputs: list[dict[str, Any]],
+    whole: Any,
     model: ModelConfig,
     tries: failover.Tries,
     key: str,
 ) -> tuple[list[dict[str, Any]], Any, int, Any]:
-    """The conversation the model reads, its chat request and the tokens to reserve.
+    """The conversation the model reads, its chat request and the tokens to reserve
+    (``whole``: the chat request of the whole conversation, already made for its size check).
 
     ``truncation: disabled``: a conversation past the model's context is a 400 with OpenAI's
     ``context_length_exceeded`` code. ``auto``: the oldest items are dropped, as few as fit
@@ -321,7 +323,9 @@ async def fitted(
     conversation = history + inputs
 
     async def attempt(drop: int) -> tuple[Any, int, Any]:
-        chat = chat_request(body, parse_items(conversation[drop:]), model.id)
+        chat = whole
+        if drop:
+            chat = chat_request(body, parse_items(conversation[drop:]), model.id)
         return chat, *await reservation(ingress, chat, model, CHAT, tries, key)
 
     try:
