@@ -27,7 +27,7 @@ from voltage_ray.config import (
     ModelConfig,
     ModelSource,
 )
-from voltage_ray.deployments.builder import bind_ingress
+from voltage_ray.ingress.builder import bind_ingress
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from voltage_ray.app import ConfigError, build_app, load_args, parse_config
-from voltage_ray.deployments.builder import bind_ingress
+from voltage_ray.ingress.builder import bind_ingress
 
 REPO = Path(__file__).resolve().parents[2]
 

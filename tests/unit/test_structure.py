@@ -1,63 +1,150 @@
-"""The ingress package imports one way: api -> routes -> services -> handles, no circle.
+"""``voltage_ray`` imports one way: between its rooms, and inside each room, no import points up
+and none closes a circle.
 
-Every import counts, those under ``TYPE_CHECKING`` too: a circle there is still a circle a
-reader has to untangle."""
+The rooms, top to bottom (a room imports only rooms below it; rooms on one line know nothing of
+each other)::
+
+    cli, notebook          the command and the notebook helpers (entry points)
+    app                    build_app(args): the Serve application (the api)
+    ingress                routes -> the services they call -> handles (its own order below)
+    deployments            ChatServer, EmbeddingServer, ImageServer and their builder
+    backends               model code behind small protocols (no Ray, no HTTP)
+    protocol, limits       the wire's models; keys, plans, quotas and the limiter
+    config, errors, metrics
+    voltage_ray            the package itself (``__version__``)
+
+Inside ``ingress``: ``builder`` -> ``deployment`` (the replica) -> ``api`` (the FastAPI app) ->
+the routes (``chat``, ``completions``, ``embeddings``, ``images``, ``models``, ``responses``) ->
+what they call (``generation``, ``failover``, ``guards``, ``sse``...) -> the collaborators
+they are handed (``deps``); nothing imports ``deployment`` but ``builder``.
+
+Every import counts, those under ``TYPE_CHECKING`` and inside functions too: a circle there is
+still a circle a reader has to untangle.
+"""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-import voltage_ray.ingress
+import voltage_ray
 
-PACKAGE = "voltage_ray.ingress"
-ROOT = Path(voltage_ray.ingress.__file__).parent
+PACKAGE = "voltage_ray"
+ROOT = Path(voltage_ray.__file__).parent
+LAYERS: list[set[str]] = [
+    {"cli", "notebook"},
+    {"app"},
+    {"ingress"},
+    {"deployments"},
+    {"backends"},
+    {"protocol", "limits"},
+    {"config", "errors", "metrics"},
+    {""},  # voltage_ray/__init__.py
+]
+RANK = {room: rank for rank, rooms in enumerate(LAYERS) for room in rooms}
+
+
+def module_names() -> dict[str, Path]:
+    """Dotted name (``ingress.chat``, ``app``, ``""`` for the package) -> its file."""
+    found: dict[str, Path] = {}
+    for path in ROOT.rglob("*.py"):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        found[".".join(parts)] = path
+    return found
+
+
+def imported(node: ast.AST, names: set[str]) -> set[str]:
+    """The modules of the package an import statement names (``from voltage_ray.ingress import
+    chat`` names ``ingress.chat``; ``from voltage_ray import __version__``, the package)."""
+    targets: list[str] = []
+    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        if node.module == PACKAGE or node.module.startswith(PACKAGE + "."):
+            base = node.module.removeprefix(PACKAGE).removeprefix(".")
+            for alias in node.names:
+                child = f"{base}.{alias.name}" if base else alias.name
+                targets.append(child if child in names else base)
+    elif isinstance(node, ast.Import):
+        targets = [
+            a.name.removeprefix(PACKAGE).removeprefix(".")
+            for a in node.names
+            if a.name == PACKAGE or a.name.startswith(PACKAGE + ".")
+        ]
+    return {t for t in targets if t in names}
 
 
 def imports() -> dict[str, set[str]]:
-    """Module -> the modules of the package it imports."""
+    """Module -> the modules of ``voltage_ray`` it imports."""
+    files = module_names()
+    names = set(files)
     graph: dict[str, set[str]] = {}
-    names = {p.stem for p in ROOT.glob("*.py")} - {"__init__"}
-    for name in names:
+    for name, path in files.items():
         found: set[str] = set()
-        for node in ast.walk(ast.parse((ROOT / f"{name}.py").read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                if node.module == PACKAGE:  # from voltage_ray.ingress import chat, ...
-                    found |= {a.name for a in node.names if a.name in names}
-                elif node.module.startswith(PACKAGE + "."):
-                    found.add(node.module.removeprefix(PACKAGE + "."))
-            elif isinstance(node, ast.Import):
-                found |= {
-                    a.name.removeprefix(PACKAGE + ".")
-                    for a in node.names
-                    if a.name.startswith(PACKAGE + ".")
-                }
+        for node in ast.walk(ast.parse(path.read_text())):
+            found |= imported(node, names)
         graph[name] = found - {name}
     return graph
 
 
-def test_the_ingress_imports_have_no_circle() -> None:
-    graph = imports()
+def room(module: str) -> str:
+    return module.split(".")[0]
+
+
+def circles(graph: dict[str, set[str]]) -> list[str]:
+    """Every import circle found (as ``a -> b -> a``), depth first."""
+    found: list[str] = []
     done: set[str] = set()
 
     def visit(name: str, path: list[str]) -> None:
-        assert name not in path, "import circle: " + " -> ".join([*path, name])
+        if name in path:
+            found.append(" -> ".join([*path[path.index(name) :], name]))
+            return
         if name in done:
             return
-        for other in sorted(graph[name]):
+        for other in sorted(graph.get(name, ())):
             visit(other, [*path, name])
         done.add(name)
 
     for name in sorted(graph):
         visit(name, [])
+    return found
 
 
-def test_only_the_deployment_knows_the_deployment() -> None:
-    """Routes and failover see the replica as ``services.Services``; nothing imports
-    ``deployment`` (the builder does, from outside the package)."""
+def test_every_room_has_a_layer() -> None:
+    assert {room(m) for m in module_names()} <= set(RANK)
+
+
+def test_rooms_import_only_rooms_below_them() -> None:
+    upward = [
+        f"{module} -> {other}"
+        for module, others in imports().items()
+        for other in others
+        if room(other) != room(module) and RANK[room(other)] <= RANK[room(module)]
+    ]
+    assert upward == []
+
+
+def test_no_package_has_an_import_circle() -> None:
     graph = imports()
-    assert [name for name, deps in graph.items() if "deployment" in deps] == []
-    assert {"api", "services"} <= graph["deployment"]
-    routes = ("chat", "completions", "embeddings", "images", "models")
-    assert set(routes) <= graph["api"]
-    assert [r for r in routes if "api" in graph[r]] == []  # routes never reach back up
+    for package in {room(m) for m in graph if "." in m}:
+        inside = {
+            m: {o for o in deps if room(o) == package and o != package}
+            for m, deps in graph.items()
+            if room(m) == package and m != package
+        }
+        assert circles(inside) == [], package
+
+
+def test_the_ingress_imports_one_way() -> None:
+    """Routes are handed their collaborators (``deps``) and never reach the replica
+    (``deployment``) or the app (``api``); only the builder knows the deployment."""
+    graph = {m.removeprefix("ingress."): d for m, d in imports().items() if room(m) == "ingress"}
+    local = {
+        m: {o.removeprefix("ingress.") for o in d if room(o) == "ingress"} for m, d in graph.items()
+    }
+    assert [m for m, deps in local.items() if "deployment" in deps] == ["builder"]
+    assert {"api"} <= local["deployment"]
+    routes = ("chat", "completions", "embeddings", "images", "models", "responses")
+    assert set(routes) <= local["api"]
+    assert [r for r in routes if "api" in local[r] or "deployment" in local[r]] == []

@@ -1,1 +1,2 @@
-"""Model server deployments (ChatServer, EmbeddingServer, ImageServer) and their builder."""
+"""Model server deployments (ChatServer, EmbeddingServer, ImageServer) and their builder
+(the Ingress over them has its own: ``ingress/builder.py``)."""

@@ -1,9 +1,9 @@
-"""Bind the undecorated server classes into Serve deployments with their configured options."""
+"""Bind the undecorated server classes into Serve deployments with their configured options
+(the Ingress over them is bound by ``ingress/builder.py``)."""
 
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from ray import serve
 from ray.serve import Application
@@ -40,13 +40,3 @@ def bind_model(model: ModelConfig, config: AppConfig) -> Application:
     deployment = serve.deployment(cls, name=deployment_name(model), **model.deployment.to_serve())
     return deployment.bind(model.model_dump(mode="json"), config.cache_dir)
 
-
-def bind_ingress(config: AppConfig) -> Application:
-    from voltage_ray.ingress.deployment import Ingress
-
-    handles: dict[str, Any] = {m.id: bind_model(m, config) for m in config.models}
-    names = {m.id: deployment_name(m) for m in config.models}
-    ingress = serve.deployment(
-        serve.ingress()(Ingress), name="Ingress", **config.ingress.deployment.to_serve()
-    )
-    return ingress.bind(config.model_dump(mode="json"), handles, names)
