@@ -42,7 +42,7 @@ class FakeIngress:
     async def routable(self, target: ModelConfig) -> bool:
         return target.id not in self.down
 
-    async def occupy(self, target: ModelConfig, key: str) -> bool:
+    async def occupy(self, target: ModelConfig, key: str, meter: Any) -> bool:
         return True
 
     def forget_readiness(self) -> None:

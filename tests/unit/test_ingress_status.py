@@ -9,20 +9,15 @@ from typing import Any
 
 import pytest
 
-from voltage_ray.ingress import deployment
-from voltage_ray.ingress.deployment import Ingress
+from voltage_ray.ingress import served_models
+from voltage_ray.ingress.served_models import Models
 
 VIEW = {"m": (True, 1)}
 
 
-class Bare(Ingress):
-    def __del__(self) -> None:  # nothing to drain
-        pass
-
-
 def bare_ingress(reads: list[float]) -> Any:
-    """An Ingress with only its status fields; ``_read_status`` records when it runs."""
-    ingress: Any = object.__new__(Bare)
+    """Models with only its status fields; ``_read_status`` records when it runs."""
+    ingress: Any = object.__new__(Models)
     ingress._status_cache = ingress._status_refresh = ingress._status_watch = None
     ingress._status_forgotten = 0.0
 
@@ -39,7 +34,7 @@ def bare_ingress(reads: list[float]) -> Any:
 
 
 async def test_the_view_is_refreshed_in_the_background(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(deployment, "STATUS_REFRESH_S", 0.05)
+    monkeypatch.setattr(served_models, "STATUS_REFRESH_S", 0.05)
     reads: list[float] = []
     ingress = bare_ingress(reads)
     try:

@@ -1,6 +1,6 @@
 """Request bodies through the real FastAPI app (pure code: no Ray started).
 
-The routers are the real ones; the Ingress is a stand-in whose model lookup answers 404, so a
+The routers are the real ones; the served models are a stand-in whose lookup answers 404, so a
 404 means the body passed validation and a 400 means it did not.
 """
 
@@ -18,10 +18,14 @@ from voltage_ray.ingress import deps
 from voltage_ray.ingress.api import create_api
 from voltage_ray.metrics import IngressMetrics
 
+CONFIG = SimpleNamespace(
+    request_limits=SimpleNamespace(max_body_bytes=1 << 20),
+    limits=SimpleNamespace(idempotency_max_mb=1),
+)
 
-class FakeIngress:
-    config = SimpleNamespace(request_limits=SimpleNamespace(max_body_bytes=1 << 20))
-    metrics = IngressMetrics()
+
+class FakeModels:
+    config = CONFIG
 
     def resolve(self, name: str, kind: str) -> Any:
         raise NotFound(f"validated: {kind}")
@@ -29,13 +33,19 @@ class FakeIngress:
     def embedder(self, name: str) -> Any:
         raise NotFound("validated: embeddings")
 
-    def default_model(self, kind: str) -> Any:
+    def default(self, kind: str) -> Any:
         raise NotFound(f"validated: {kind}")
 
 
 @pytest.fixture(scope="module")
 def app() -> FastAPI:
-    api = create_api(FakeIngress())  # type: ignore[arg-type]
+    api = create_api(
+        CONFIG,  # type: ignore[arg-type]
+        IngressMetrics(),
+        auth=None,  # type: ignore[arg-type]
+        served=FakeModels(),  # type: ignore[arg-type]
+        admissions=None,  # type: ignore[arg-type]
+    )
 
     async def anyone() -> None:
         return None

@@ -15,10 +15,10 @@ BODY = {"model": "m", "input": "Hi", "tools": [{"type": "web_search"}, {"type": 
 
 
 def ingress(hosted_tools: str) -> object:
-    config = SimpleNamespace(
+    """The app config's part the decision reads."""
+    return SimpleNamespace(
         responses=ResponsesConfig.model_validate({"hosted_tools": hosted_tools})
     )
-    return SimpleNamespace(config=config)
 
 
 def test_hosted_tools_are_dropped_by_default_and_refused_when_configured() -> None:

@@ -8,8 +8,10 @@ from fastapi import APIRouter, Depends, Request
 
 from voltage_ray.config import ModelConfig, RequestLimits
 from voltage_ray.ingress import guards
-from voltage_ray.ingress.deps import get_ingress, get_principal
+from voltage_ray.ingress.deps import get_meter, get_models, get_principal
 from voltage_ray.ingress.generation import CHAT, generate
+from voltage_ray.ingress.meter import Meter
+from voltage_ray.ingress.served_models import Models
 from voltage_ray.protocol.chat import ChatCompletionRequest
 
 if TYPE_CHECKING:
@@ -23,12 +25,12 @@ async def create_chat_completion(
     body: ChatCompletionRequest,
     request: Request,
     principal: Principal = Depends(get_principal),
+    models: Models = Depends(get_models),
+    meter: Meter = Depends(get_meter),
 ) -> Any:
-    ingress = get_ingress(request)
-    ingress.resolve(body.model, "chat")  # 404 for an unknown model
-    model = ingress.by_name[body.model]
-    check_cost(body, model, ingress.config.request_limits)
-    return await generate(body, request, principal, model, CHAT)
+    model = models.resolve(body.model, "chat").config  # 404 for an unknown model
+    check_cost(body, model, models.config.request_limits)
+    return await generate(body, request, principal, model, CHAT, models, meter)
 
 
 def check_cost(body: ChatCompletionRequest, model: ModelConfig, limits: RequestLimits) -> None:

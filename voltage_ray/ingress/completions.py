@@ -10,8 +10,10 @@ from fastapi import APIRouter, Depends, Request
 
 from voltage_ray.config import RequestLimits
 from voltage_ray.ingress import guards
-from voltage_ray.ingress.deps import get_ingress, get_principal
+from voltage_ray.ingress.deps import get_meter, get_models, get_principal
 from voltage_ray.ingress.generation import COMPLETIONS, generate
+from voltage_ray.ingress.meter import Meter
+from voltage_ray.ingress.served_models import Models
 from voltage_ray.protocol.completions import CompletionRequest
 
 if TYPE_CHECKING:
@@ -25,12 +27,13 @@ async def create_completion(
     body: CompletionRequest,
     request: Request,
     principal: Principal = Depends(get_principal),
+    models: Models = Depends(get_models),
+    meter: Meter = Depends(get_meter),
 ) -> Any:
-    ingress = get_ingress(request)
-    ingress.resolve(body.model, "chat")  # 404 for an unknown model (completions: chat models)
-    model = ingress.by_name[body.model]
-    check_cost(body, ingress.config.request_limits)
-    return await generate(body, request, principal, model, COMPLETIONS)
+    # 404 for an unknown model (completions: chat models)
+    model = models.resolve(body.model, "chat").config
+    check_cost(body, models.config.request_limits)
+    return await generate(body, request, principal, model, COMPLETIONS, models, meter)
 
 
 def check_cost(body: CompletionRequest, limits: RequestLimits) -> None:

@@ -10,7 +10,9 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from voltage_ray.config import ModelConfig
 from voltage_ray.ingress import failover, guards
-from voltage_ray.ingress.deps import get_ingress, get_principal
+from voltage_ray.ingress.deps import get_meter, get_models, get_principal
+from voltage_ray.ingress.meter import Meter
+from voltage_ray.ingress.served_models import Models
 from voltage_ray.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
 
 if TYPE_CHECKING:
@@ -29,12 +31,12 @@ async def create_embedding(
     body: EmbeddingRequest,
     request: Request,
     principal: Principal = Depends(get_principal),
+    models: Models = Depends(get_models),
+    meter: Meter = Depends(get_meter),
 ) -> Response:
-    ingress = get_ingress(request)
-    ingress.resolve(body.model, "embeddings")  # 404 for an unknown model
-    model = ingress.by_name[body.model]
+    model = models.resolve(body.model, "embeddings").config  # 404 for an unknown model
     request.state.model = model.id
-    limits = ingress.config.request_limits
+    limits = models.config.request_limits
     inputs = body.inputs
     guards.at_most(len(inputs), limits.embeddings_max_inputs, "The number of inputs")
     longest = max(len(text) for text in inputs)
@@ -42,22 +44,22 @@ async def create_embedding(
     endpoint = request.url.path
     tries = failover.Tries.at(endpoint)
 
-    async with ingress.metered(
+    ticket = await meter.admit(
         principal, endpoint=endpoint, model=body.model, tokens=body.token_upper_bound
-    ) as ticket:
-        tenant = ticket.tenant()
+    )
+    tenant = ticket.tenant()
 
-        async def embed(target: ModelConfig) -> EmbeddingResponse:
-            shared = ingress.embedder(target.id)
-            return await shared.submit((body, tenant), len(inputs), principal.key_id)
+    async def embed(target: ModelConfig) -> EmbeddingResponse:
+        shared = models.embedder(target.id)
+        return await shared.submit((body, tenant), len(inputs), principal.key_id)
 
-        response: EmbeddingResponse = await guards.within(
-            failover.call(ingress, model, tries, embed, key=principal.key_id),
-            limits.embeddings_timeout_s,
-            "Embedding",
-        )
-        await ingress.settle(ticket, tokens=response.usage.total_tokens)
-    ingress.metrics.prompt_tokens.inc(
+    response: EmbeddingResponse = await guards.within(
+        failover.call(models, model, tries, embed, key=principal.key_id, meter=meter),
+        limits.embeddings_timeout_s,
+        "Embedding",
+    )
+    await meter.record(ticket, tokens=response.usage.total_tokens)
+    models.metrics.prompt_tokens.inc(
         response.usage.prompt_tokens,
         tags={"endpoint": endpoint, "model": model.id, "plan": principal.plan},
     )

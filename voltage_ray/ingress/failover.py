@@ -10,7 +10,7 @@ above zero) is skipped at once instead of queueing in Serve's router until the d
 
 A model at capacity is not a failure: when the requests this ingress replica has let in for it
 fill what its replicas run plus its queue and the request's key holds its fair share of them
-(``Ingress.occupy``), when the replica's fair queue refuses or sheds it (``Overloaded``), or when
+(``Models.occupy``), when the replica's fair queue refuses or sheds it (``Overloaded``), or when
 Serve's own bound on the router queue refuses the call (``max_queued_requests``), the request is
 answered at once with a 503 and ``Retry-After``, neither tried again nor billed.
 
@@ -38,7 +38,8 @@ from voltage_ray.errors import Overloaded, ServiceUnavailable, unwrap
 
 if TYPE_CHECKING:
     from voltage_ray.config import ModelConfig
-    from voltage_ray.ingress.services import Services
+    from voltage_ray.ingress.meter import Meter
+    from voltage_ray.ingress.served_models import Models
 
 logger = logging.getLogger(__name__)
 
@@ -93,27 +94,28 @@ class Tries:
 
 
 async def call(
-    ingress: Services,
+    models: Models,
     model: ModelConfig,
     tries: Tries,
     send: Callable[[ModelConfig], Awaitable[T]],
     method: str = "",
     key: str = "",
+    meter: Meter | None = None,
 ) -> T:
     """``await send(target)`` for ``model``, then its fallbacks, until one answers.
 
     Raises what ``send`` raised when that is not a replica failure, else (every try failed) a
     503 whose details carry the attempts; a 503 at once when ``model`` is at capacity for the
-    API key ``key``.
+    API key ``key`` (the place taken is ``meter``'s, held until its request ends).
     """
-    if not await ingress.occupy(model, key):
-        ingress.observe_overload(model.id, "refused")
+    if not await models.occupy(model, key, meter):
+        models.observe_overload(model.id, "refused")
         raise overloaded(model, tries, "refused")
-    for i, target in enumerate([model, *(ingress.by_id[m] for m in model.fallbacks)]):
-        step = ingress.deployment_names[target.id] + (f":{method}" if method else "")
+    for i, target in enumerate([model, *(models.by_id[m] for m in model.fallbacks)]):
+        step = models.deployment_names[target.id] + (f":{method}" if method else "")
         step = f"fallback {step}" if i else step
         for _ in range(1 + target.retries):
-            if not await ingress.routable(target):
+            if not await models.routable(target):
                 tries.record(step, ServiceUnavailable.status, 0)
                 break
             started = time.monotonic()
@@ -123,18 +125,18 @@ async def call(
                 cause = unwrap(exc)
                 if isinstance(cause, Overloaded):  # the replica's fair queue: refused or shed
                     tries.record(step, ServiceUnavailable.status, started)
-                    ingress.observe_overload(target.id, str(cause.details.get("reason")))
+                    models.observe_overload(target.id, str(cause.details.get("reason")))
                     cause.details["attempts"] = tries.as_list()
                     raise cause from None
                 if isinstance(cause, BackPressureError):
                     tries.record(step, ServiceUnavailable.status, started)
-                    ingress.observe_overload(target.id, "capacity")
+                    models.observe_overload(target.id, "capacity")
                     raise overloaded(target, tries, "capacity") from None
                 if not replica_gone(exc):
                     raise
                 tries.record(step, ServiceUnavailable.status, started)
-                ingress.forget_readiness()
-                ingress.observe_failover(target.id, type(unwrap(exc)).__name__)
+                models.forget_readiness()
+                models.observe_failover(target.id, type(unwrap(exc)).__name__)
                 logger.warning(
                     "%s: a replica of %s failed (%s); %s",
                     tries.url,

@@ -18,12 +18,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from voltage_ray.config import ModelConfig
 from voltage_ray.errors import VoltageError
 from voltage_ray.ingress import failover, guards, observe, sse
-from voltage_ray.ingress.deps import get_ingress
 from voltage_ray.ingress.errors import request_id
 from voltage_ray.protocol.common import Usage
 
 if TYPE_CHECKING:
-    from voltage_ray.ingress.services import Services, Ticket
+    from voltage_ray.ingress.meter import Meter, Ticket
+    from voltage_ray.ingress.served_models import Models
     from voltage_ray.limits.limiter import Principal
 
 
@@ -42,43 +42,48 @@ COMPLETIONS = Calls("prepare_completion", "complete", "complete_stream", "Comple
 
 
 async def generate(
-    body: Any, request: Request, principal: Principal, model: ModelConfig, calls: Calls
+    body: Any,
+    request: Request,
+    principal: Principal,
+    model: ModelConfig,
+    calls: Calls,
+    models: Models,
+    meter: Meter,
 ) -> Any:
     """Serve one generation request whose cost limits were checked: ``body`` is the endpoint's
     request model (with ``stream`` and ``include_usage``)."""
-    ingress = get_ingress(request)
     request.state.model = model.id
-    limits = ingress.config.request_limits
+    limits = models.config.request_limits
     endpoint = request.url.path
     tries = failover.Tries.at(endpoint)
     key = principal.key_id
-    reserve, prepared = await reservation(ingress, body, model, calls, tries, key)
+    reserve, prepared = await reservation(models, meter, body, model, calls, tries, key)
     tags = {"model": model.id, "plan": principal.plan}
     service_tier = getattr(body, "service_tier", None)
     if not body.stream:
-        async with ingress.metered(
-            principal, endpoint=endpoint, model=body.model, tokens=reserve
-        ) as ticket:
-            tenant = ticket.tenant(service_tier)
+        ticket = await meter.admit(principal, endpoint=endpoint, model=body.model, tokens=reserve)
+        tenant = ticket.tenant(service_tier)
 
-            async def whole(target: ModelConfig) -> Any:
-                made = prepared if target.id == model.id else None  # a fallback prepares anew
-                return await failover.result(
-                    method(ingress, target, calls.whole).remote(body, tenant, made)
-                )
-
-            response = await guards.within(
-                failover.call(ingress, model, tries, whole, key=key),
-                limits.chat_timeout_s,
-                calls.title,
+        async def whole(target: ModelConfig) -> Any:
+            made = prepared if target.id == model.id else None  # a fallback prepares anew
+            return await failover.result(
+                method(models, target, calls.whole).remote(body, tenant, made)
             )
-            await ingress.settle(ticket, tokens=response.usage.total_tokens)
-        count_tokens(ingress, endpoint, tags, response.usage)
+
+        response = await guards.within(
+            failover.call(models, model, tries, whole, key=key, meter=meter),
+            limits.chat_timeout_s,
+            calls.title,
+        )
+        await meter.record(ticket, tokens=response.usage.total_tokens)
+        count_tokens(models, endpoint, tags, response.usage)
         headers = {**ticket.headers, **tries.headers()}
         return JSONResponse(response.model_dump(mode="json"), headers=headers)
 
-    stream = await open_stream(ingress, body, principal, model, calls, tries, reserve, prepared)
-    ingress.metrics.ttft.observe(observe.since_arrival(request.state), tags={"model": model.id})
+    stream = await open_stream(
+        models, meter, body, principal, model, calls, tries, reserve, prepared
+    )
+    models.metrics.ttft.observe(observe.since_arrival(request.state), tags={"model": model.id})
     include_usage = body.include_usage
 
     def render(chunk: Any) -> str | None:
@@ -103,14 +108,20 @@ async def generate(
     return StreamingResponse(frames, media_type="text/event-stream", headers=headers)
 
 
-def method(ingress: Services, target: ModelConfig, name: str, stream: bool = False) -> Any:
+def method(models: Models, target: ModelConfig, name: str, stream: bool = False) -> Any:
     """A ChatServer method of ``target``'s deployment (a streaming call where ``stream``)."""
-    handle = ingress.handles[target.id]
+    handle = models.handles[target.id]
     return getattr(handle.options(stream=True) if stream else handle, name)
 
 
 async def reservation(
-    ingress: Services, body: Any, model: ModelConfig, calls: Calls, tries: failover.Tries, key: str
+    models: Models,
+    meter: Meter,
+    body: Any,
+    model: ModelConfig,
+    calls: Calls,
+    tries: failover.Tries,
+    key: str,
 ) -> tuple[int, Any]:
     """The tokens a request may at most use (prompt, plus max_tokens per choice), from the
     model's tokenizer, and what the replica prepared (template, tokens, grammar), which the
@@ -118,11 +129,11 @@ async def reservation(
     cannot serve (past its context...)."""
 
     async def prepare(target: ModelConfig) -> dict[str, Any]:
-        return await failover.result(method(ingress, target, calls.prepare).remote(body))
+        return await failover.result(method(models, target, calls.prepare).remote(body))
 
     budget = await guards.within(
-        failover.call(ingress, model, tries, prepare, "prepare", key),
-        ingress.config.request_limits.chat_timeout_s,
+        failover.call(models, model, tries, prepare, "prepare", key, meter),
+        models.config.request_limits.chat_timeout_s,
         calls.title,
     )
     reserve = int(budget["prompt_tokens"] + budget["max_tokens"] * budget["n"])
@@ -134,10 +145,11 @@ async def reservation(
 @dataclass
 class Stream:
     """An admitted generation whose first chunk arrived: the chunks come from ``first`` then
-    ``gen``. :meth:`note` each chunk (the usage so far), and :meth:`close` once: it settles
+    ``gen``. :meth:`note` each chunk (the usage so far), and :meth:`close` once: it records
     what was used (a stream the client abandoned: the usage so far) and counts the tokens."""
 
-    ingress: Services
+    models: Models
+    meter: Meter
     first: Any
     gen: Any
     ticket: Ticket
@@ -152,9 +164,9 @@ class Stream:
 
     async def close(self, failure: BaseException | None = None) -> None:
         used = self.usage
-        await self.ingress.settle(self.ticket, tokens=used.total_tokens if used else 0)
+        await self.meter.record(self.ticket, tokens=used.total_tokens if used else 0)
         if used is not None:
-            count_tokens(self.ingress, self.ticket.endpoint, self.tags, used)
+            count_tokens(self.models, self.ticket.endpoint, self.tags, used)
 
     def explain(self, exc: BaseException) -> VoltageError | None:
         """A replica lost mid-stream: a 503 saying the request may be retried."""
@@ -162,7 +174,8 @@ class Stream:
 
 
 async def open_stream(
-    ingress: Services,
+    models: Models,
+    meter: Meter,
     body: Any,
     principal: Principal,
     model: ModelConfig,
@@ -172,31 +185,31 @@ async def open_stream(
     prepared: Any = None,
 ) -> Stream:
     """Admit ``body`` (reserving ``reserve`` tokens) and open its stream on ``model`` (or a
-    fallback), within the chat deadline; the admission is settled unused if that fails.
+    fallback), within the chat deadline; the admission is recorded unused if that fails.
     ``prepared``: what ``model``'s replica made of ``body`` (a fallback prepares anew)."""
     endpoint = tries.url
-    ticket = await ingress.admit(principal, endpoint=endpoint, model=body.model, tokens=reserve)
+    ticket = await meter.admit(principal, endpoint=endpoint, model=body.model, tokens=reserve)
     tenant = ticket.tenant(getattr(body, "service_tier", None))
 
     async def start(target: ModelConfig) -> tuple[Any, Any]:
         made = prepared if target.id == model.id else None
-        gen = method(ingress, target, calls.stream, stream=True).remote(body, tenant, made)
+        gen = method(models, target, calls.stream, stream=True).remote(body, tenant, made)
         return await sse.first_item(gen), gen
 
     try:
         first, gen = await guards.within(
-            failover.call(ingress, model, tries, start, key=principal.key_id),
-            ingress.config.request_limits.chat_timeout_s,
+            failover.call(models, model, tries, start, key=principal.key_id, meter=meter),
+            models.config.request_limits.chat_timeout_s,
             calls.title,
         )
     except BaseException:
-        await asyncio.shield(ingress.settle(ticket))
+        await asyncio.shield(meter.record(ticket))
         raise
     tags = {"model": model.id, "plan": principal.plan}
-    return Stream(ingress, first, gen, ticket, tries, tags)
+    return Stream(models, meter, first, gen, ticket, tries, tags)
 
 
-def count_tokens(ingress: Services, endpoint: str, tags: dict[str, str], usage: Usage) -> None:
-    ingress.metrics.prompt_tokens.inc(usage.prompt_tokens, tags={**tags, "endpoint": endpoint})
+def count_tokens(models: Models, endpoint: str, tags: dict[str, str], usage: Usage) -> None:
+    models.metrics.prompt_tokens.inc(usage.prompt_tokens, tags={**tags, "endpoint": endpoint})
     if usage.completion_tokens:
-        ingress.metrics.completion_tokens.inc(usage.completion_tokens, tags=tags)
+        models.metrics.completion_tokens.inc(usage.completion_tokens, tags=tags)

@@ -17,7 +17,9 @@ from voltage_ray.config import ModelConfig
 from voltage_ray.deployments import image_store
 from voltage_ray.errors import BadRequest, NotFound, ServiceUnavailable, shown
 from voltage_ray.ingress import failover, guards
-from voltage_ray.ingress.deps import get_ingress, get_principal
+from voltage_ray.ingress.deps import get_config, get_meter, get_models, get_principal
+from voltage_ray.ingress.meter import Meter
+from voltage_ray.ingress.served_models import Models
 from voltage_ray.protocol.images import ImageData, ImageGenerationRequest, ImageGenerationResponse
 
 if TYPE_CHECKING:
@@ -74,7 +76,7 @@ async def _store_call(request: Request, method: str, *args: Any) -> Any:
         store = getattr(state, "image_store", None)
         try:
             if store is None:
-                config = get_ingress(request).config.image_store
+                config = get_config(request).image_store
                 app_name = serve.get_replica_context().app_name
                 store = image_store.get_or_create_store(app_name, config.ttl_s, config.max_bytes)
                 await image_store.call(store.configure, config.ttl_s, config.max_bytes)
@@ -103,7 +105,7 @@ def own_hosts() -> frozenset[str]:
 def _base_url(request: Request) -> str:
     """Where image URLs point: ``public_base_url``, else the request's own base URL when its
     Host is one this service may name (a 400 otherwise: a forged Host never reaches a URL)."""
-    config = get_ingress(request).config.image_store
+    config = get_config(request).image_store
     if config.public_base_url:
         return config.public_base_url
     host = request.url.hostname or ""
@@ -138,16 +140,16 @@ async def create_image(
     body: ImageGenerationRequest,
     request: Request,
     principal: Principal = Depends(get_principal),
+    models: Models = Depends(get_models),
+    meter: Meter = Depends(get_meter),
 ) -> Response:
-    ingress = get_ingress(request)
-    default = ingress.default_model("images")
+    default = models.default("images")
     if body.model is None and default is None:
         raise NotFound("No images model is served")
     model = body.model or default.id  # type: ignore[union-attr]
-    ingress.resolve(model, "images")  # 404 for an unknown model
-    config = ingress.by_name[model]
+    config, handle = models.resolve(model, "images")  # 404 for an unknown model
     request.state.model = config.id
-    limits = ingress.config.request_limits
+    limits = models.config.request_limits
     guards.at_most(len(body.prompt), limits.images_max_prompt_chars, "The prompt length")
     media = negotiate(request.headers.get("accept"))
     if media != JSON and body.n > 1:
@@ -160,22 +162,21 @@ async def create_image(
     base = _base_url(request) if media == JSON and body.response_format != "b64_json" else ""
     tries = failover.Tries.at(request.url.path)
 
-    async with ingress.metered(
-        principal, endpoint=request.url.path, model=model, images=body.n
-    ) as ticket:
-        tenant = ticket.tenant()
+    ticket = await meter.admit(principal, endpoint=request.url.path, model=model, images=body.n)
+    tenant = ticket.tenant()
 
-        async def generate(target: ModelConfig) -> list[bytes]:
-            call = ingress.handles[target.id].generate.remote(body, output, tenant)
-            return await failover.result(call)
+    async def generate(target: ModelConfig) -> list[bytes]:
+        target_handle = handle if target.id == config.id else models.handles[target.id]
+        call = target_handle.generate.remote(body, output, tenant)
+        return await failover.result(call)
 
-        images: list[bytes] = await guards.within(
-            failover.call(ingress, config, tries, generate, key=principal.key_id),
-            limits.images_timeout_s,
-            "Image generation",
-        )
-        await ingress.settle(ticket, images=len(images))
-    ingress.metrics.images.inc(len(images), tags={"model": config.id, "plan": principal.plan})
+    images: list[bytes] = await guards.within(
+        failover.call(models, config, tries, generate, key=principal.key_id, meter=meter),
+        limits.images_timeout_s,
+        "Image generation",
+    )
+    await meter.record(ticket, images=len(images))
+    models.metrics.images.inc(len(images), tags={"model": config.id, "plan": principal.plan})
     headers = {**ticket.headers, **tries.headers()}
     if media != JSON:
         return Response(images[0], media_type=media, headers=headers)

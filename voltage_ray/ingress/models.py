@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from voltage_ray.errors import NotFound, ServiceUnavailable, shown
-from voltage_ray.ingress.deps import get_ingress, get_principal
+from voltage_ray.ingress.deps import get_models, get_principal
+from voltage_ray.ingress.served_models import Models
 from voltage_ray.protocol.common import ModelCard, ModelList
 
 if TYPE_CHECKING:
@@ -18,32 +19,36 @@ router = APIRouter(tags=["Models"])
 health_router = APIRouter(tags=["Health"])
 
 
-def _cards(request: Request) -> list[ModelCard]:
+def _cards(models: Models) -> list[ModelCard]:
     cards = []
-    for model in get_ingress(request).config.models:
+    for model in models.config.models:
         for name in model.names:
             cards.append(ModelCard(id=name, kind=model.kind, root=model.id))
     return cards
 
 
 @router.get("/models", summary="List models")
-async def list_models(request: Request, principal: Principal = Depends(get_principal)) -> Any:
-    return JSONResponse(ModelList(data=_cards(request)).model_dump(mode="json"))
+async def list_models(
+    principal: Principal = Depends(get_principal), models: Models = Depends(get_models)
+) -> Any:
+    return JSONResponse(ModelList(data=_cards(models)).model_dump(mode="json"))
 
 
 @router.get("/models/{model:path}", summary="Retrieve a model")
 async def get_model(
-    model: str, request: Request, principal: Principal = Depends(get_principal)
+    model: str,
+    principal: Principal = Depends(get_principal),
+    models: Models = Depends(get_models),
 ) -> Any:
-    for card in _cards(request):
+    for card in _cards(models):
         if card.id == model:
             return JSONResponse(card.model_dump(mode="json"))
     raise NotFound(f"The model '{shown(model)}' does not exist")
 
 
 @health_router.get("/health", summary="Readiness of every model deployment")
-async def health(request: Request) -> Any:
-    ready = await get_ingress(request).readiness()
+async def health(models: Models = Depends(get_models)) -> Any:
+    ready = await models.readiness()
     if all(ready.values()):
         return JSONResponse({"status": "ok", "models": ready})
     waiting = sorted(name for name, ok in ready.items() if not ok)

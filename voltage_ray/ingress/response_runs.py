@@ -22,13 +22,18 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from fastapi import Request
 
 from voltage_ray.config import ModelConfig
 from voltage_ray.errors import VoltageError, unwrap
 from voltage_ray.ingress import failover, guards
 from voltage_ray.ingress.errors import to_voltage_error
 from voltage_ray.ingress.generation import CHAT, Stream, open_stream, reservation
+from voltage_ray.ingress.meter import Admissions, Meter
+from voltage_ray.ingress.served_models import Models
+from voltage_ray.limits.client import ResponsesClient
 from voltage_ray.limits.limiter import Principal
 from voltage_ray.limits.responses import StoredResponse
 from voltage_ray.protocol.response_chat import (
@@ -40,9 +45,6 @@ from voltage_ray.protocol.response_chat import (
 from voltage_ray.protocol.response_events import Event, Response
 from voltage_ray.protocol.response_stream import Failed, ResponseBuilder
 from voltage_ray.protocol.responses import CreateResponseRequest
-
-if TYPE_CHECKING:
-    from voltage_ray.ingress.services import Services
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ class Run:
 
     def __init__(
         self,
-        ingress: Services,
+        runs: BackgroundRuns,
         body: CreateResponseRequest,
         principal: Principal,
         builder: ResponseBuilder,
@@ -66,7 +68,7 @@ class Run:
         chat: Any,
         model: ModelConfig,
     ) -> None:
-        self.ingress = ingress
+        self.runs = runs
         self.body = body
         self.principal = principal
         self.builder = builder
@@ -91,7 +93,7 @@ class Run:
         self.stream = stream
         if self.body.store and not self.body.background:
             self.builder.response.status = "in_progress"
-            self._saving = asyncio.create_task(self.ingress.responses.put(self.record()))
+            self._saving = asyncio.create_task(self.runs.store.put(self.record()))
 
     def start_events(self) -> list[Event]:
         """``response.created`` (unless queued) and ``response.in_progress``, once."""
@@ -140,7 +142,7 @@ class Run:
 
         try:
             await guards.within(
-                drain(), self.ingress.config.request_limits.chat_timeout_s, "Response"
+                drain(), self.runs.models.config.request_limits.chat_timeout_s, "Response"
             )
         except BaseException as exc:
             stream.gen.cancel()
@@ -170,18 +172,18 @@ class Run:
             request=self.rerun() if self.body.background else None,
             background=self.body.background,
             created_at=float(response.created_at),
-            expires_at=now + self.ingress.config.responses.ttl_s,
+            expires_at=now + self.runs.models.config.responses.ttl_s,
         )
 
     async def save(self) -> None:
         """Store the final state (a background run's only if it was not cancelled)."""
         record = self.record()
         if self.body.background:
-            await self.ingress.responses.finish(
+            await self.runs.store.finish(
                 record.id, record.response, record.status, record.conversation
             )
         else:
-            await self.ingress.responses.put(record)
+            await self.runs.store.put(record)
 
     def rerun(self) -> dict[str, Any]:
         """What another replica needs to run this background response again."""
@@ -199,11 +201,11 @@ class Run:
         self.builder.queue()
         queued = self.builder.response.model_dump(mode="json")
         record = dataclasses.replace(
-            self.record(), lease_owner=self.ingress.runs.owner, lease_until=time.time() + LEASE_S
+            self.record(), lease_owner=self.runs.owner, lease_until=time.time() + LEASE_S
         )
-        await self.ingress.responses.put(record)
+        await self.runs.store.put(record)
         admitted: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
-        self.ingress.runs.launch(self.run(reserve, admitted, prepared))
+        self.runs.launch(self.run(reserve, admitted, prepared))
         return queued, await admitted
 
     async def run(
@@ -213,16 +215,18 @@ class Run:
         prepared: Any = None,
     ) -> None:
         """A background run, from admission to its stored end (``reserve`` None: counted
-        again, for a run resumed on another replica)."""
+        again, for a run resumed on another replica). Metered apart from the request that
+        queued it: what it uses is delivered when it ends."""
         tries = failover.Tries.at("/v1/responses")
+        models, meter = self.runs.models, Meter(self.runs.admissions, in_request=False)
         try:
             if reserve is None:
                 key = self.principal.key_id
                 reserve, prepared = await reservation(
-                    self.ingress, self.chat, self.model, CHAT, tries, key
+                    models, meter, self.chat, self.model, CHAT, tries, key
                 )
             stream = await open_stream(
-                self.ingress, self.chat, self.principal, self.model, CHAT, tries, reserve, prepared
+                models, meter, self.chat, self.principal, self.model, CHAT, tries, reserve, prepared
             )
         except BaseException as exc:
             if admitted is not None and not admitted.done():
@@ -237,7 +241,7 @@ class Run:
         self.stream = stream
         self.start_events()
         response = self.builder.response.model_dump(mode="json")
-        await self.ingress.responses.set_status(self.id, "in_progress", response)
+        await self.runs.store.set_status(self.id, "in_progress", response)
         watcher = asyncio.create_task(self._watch(stream))
         try:
             await self.whole(stream)
@@ -248,11 +252,11 @@ class Run:
 
     async def _watch(self, stream: Stream) -> None:
         """Renew the lease; stop the generation when the record was cancelled."""
-        owner = self.ingress.runs.owner
+        owner = self.runs.owner
         while True:
             await asyncio.sleep(RENEW_S)
             try:
-                status = await self.ingress.responses.renew(self.id, owner, LEASE_S)
+                status = await self.runs.store.renew(self.id, owner, LEASE_S)
             except Exception as exc:  # the limiter restarting: try again
                 logger.warning("lease renewal of %s failed: %r", self.id, exc)
                 continue
@@ -275,17 +279,22 @@ def _message(exc: BaseException) -> str:
 
 
 class BackgroundRuns:
-    """This replica's background runs, and its sweep for runs whose replica died."""
+    """This replica's background runs, and its sweep for runs whose replica died; what a
+    :class:`Run` needs: the models, the limiter's admissions and the stored responses."""
 
-    def __init__(self, ingress: Services, owner: str) -> None:
-        self.ingress = ingress
+    def __init__(
+        self, models: Models, admissions: Admissions, store: ResponsesClient, owner: str
+    ) -> None:
+        self.models = models
+        self.admissions = admissions
+        self.store = store
         self.owner = owner  # the lease holder's name: this replica
         self.tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
 
     def launch(self, coro: Any) -> None:
-        """Run ``coro`` detached from the request (no request scope: its admission is
-        settled by the run itself, not by the HTTP response that queued it)."""
+        """Run ``coro`` detached from the request (its admission is settled by the run itself,
+        not by the HTTP response that queued it)."""
         task = asyncio.create_task(coro, context=contextvars.Context())
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -299,7 +308,7 @@ class BackgroundRuns:
     async def _sweep_loop(self) -> None:
         while True:
             try:
-                for record in await self.ingress.responses.claim(self.owner, LEASE_S, 4):
+                for record in await self.store.claim(self.owner, LEASE_S, 4):
                     self.resume(record)
             except Exception as exc:
                 logger.warning("sweep for background responses failed: %r", exc)
@@ -311,13 +320,19 @@ class BackgroundRuns:
             assert record.request is not None, "a background record keeps its request"
             body = CreateResponseRequest.model_validate(record.request["body"])
             principal = Principal(**record.request["principal"])
-            model = self.ingress.by_name[body.model]
+            model = self.models.by_name[body.model]
             history = list(record.conversation)
             chat = chat_request(body, parse_items(history), model.id)
         except Exception as exc:  # a config change since: the model is gone
             logger.warning("background response %s cannot run again: %r", record.id, exc)
             return
         builder = ResponseBuilder(body, response_id=record.id, created_at=int(record.created_at))
-        run = Run(self.ingress, body, principal, builder, record.input_items, history, chat, model)
+        run = Run(self, body, principal, builder, record.input_items, history, chat, model)
         builder.queue()
         self.launch(run.run(None, None))
+
+
+def get_runs(request: Request) -> BackgroundRuns:
+    """This replica's background runs (``app.state.runs``), for ``POST /responses``."""
+    runs: BackgroundRuns = request.app.state.runs
+    return runs

@@ -19,14 +19,17 @@ from typing import TYPE_CHECKING, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from voltage_ray.config import ModelConfig
+from voltage_ray.config import AppConfig, ModelConfig
 from voltage_ray.errors import BadRequest, NotFound, VoltageError, unwrap
 from voltage_ray.ingress import failover, guards, observe, sse
 from voltage_ray.ingress.chat import check_cost
-from voltage_ray.ingress.deps import get_ingress, get_principal
+from voltage_ray.ingress.deps import get_meter, get_models, get_principal, get_responses
 from voltage_ray.ingress.errors import request_id
 from voltage_ray.ingress.generation import CHAT, Stream, open_stream, reservation
-from voltage_ray.ingress.response_runs import Run
+from voltage_ray.ingress.meter import Meter
+from voltage_ray.ingress.response_runs import BackgroundRuns, Run, get_runs
+from voltage_ray.ingress.served_models import Models
+from voltage_ray.limits.client import ResponsesClient
 from voltage_ray.protocol.response_chat import chat_request, defaults, parse_items
 from voltage_ray.protocol.response_events import InputTokens, ResponseDeleted
 from voltage_ray.protocol.response_events import sse as event_frame
@@ -45,7 +48,6 @@ from voltage_ray.protocol.responses import (
 )
 
 if TYPE_CHECKING:
-    from voltage_ray.ingress.services import Services
     from voltage_ray.limits.limiter import Principal
 
 router = APIRouter(tags=["Responses"])
@@ -56,16 +58,18 @@ async def create_response(
     body: CreateResponseRequest,
     request: Request,
     principal: Principal = Depends(get_principal),
+    runs: BackgroundRuns = Depends(get_runs),
+    meter: Meter = Depends(get_meter),
 ) -> Any:
-    ingress = get_ingress(request)
-    model = chat_model(ingress, body.model)
+    models = runs.models
+    model = models.resolve(body.model, "chat").config  # 404 for an unknown model
     request.state.model = model.id
-    refuse_hosted_tools(ingress, body)
+    refuse_hosted_tools(models.config, body)
     endpoint = request.url.path
     tries = failover.Tries.at(endpoint)
-    history = await previous(ingress, body.previous_response_id, principal)
+    history = await previous(runs.store, body.previous_response_id, principal)
     inputs = [item_resource(i) for i in resolve_references(body, history)]
-    limits = ingress.config.request_limits
+    limits = models.config.request_limits
     whole = chat_request(body, parse_items(history + inputs), model.id)
     check_cost(whole, model, limits)  # before any tokenizing: the whole conversation's size
     # What check_cost leaves out and the template renders: calls' names and arguments, tools.
@@ -74,15 +78,17 @@ async def create_response(
     extra += sum(len(json.dumps(t.function.model_dump())) for t in whole.tools or [])
     guards.at_most(extra, limits.chat_max_prompt_chars, "The tools and calls in characters")
     conversation, chat, reserve, prepared = await fitted(
-        ingress, body, history, inputs, whole, model, tries, principal.key_id
+        models, meter, body, history, inputs, whole, model, tries, principal.key_id
     )
     builder = ResponseBuilder(body, response_id=new_id("resp"), created_at=int(time.time()))
-    run = Run(ingress, body, principal, builder, inputs, conversation, chat, model)
+    run = Run(runs, body, principal, builder, inputs, conversation, chat, model)
     if body.background:
         queued, headers = await run.queue(reserve, prepared)
         return JSONResponse(queued, headers=headers)
-    stream = await open_stream(ingress, chat, principal, model, CHAT, tries, reserve, prepared)
-    ingress.metrics.ttft.observe(observe.since_arrival(request.state), tags={"model": model.id})
+    stream = await open_stream(
+        models, meter, chat, principal, model, CHAT, tries, reserve, prepared
+    )
+    models.metrics.ttft.observe(observe.since_arrival(request.state), tags={"model": model.id})
     run.begin(stream)
     if not body.stream:
         response = await run.whole(stream)
@@ -114,7 +120,7 @@ def streamed(run: Run, stream: Stream, request: Request) -> StreamingResponse:
         endpoint=stream.tries.url,
         rid=request_id(request),
         on_close=run.close,
-        timeout_s=run.ingress.config.request_limits.chat_timeout_s,
+        timeout_s=run.runs.models.config.request_limits.chat_timeout_s,
         explain=stream.explain,
         framed=True,
         error_frame=failure,
@@ -127,17 +133,21 @@ def streamed(run: Run, stream: Stream, request: Request) -> StreamingResponse:
     "/responses/input_tokens", summary="Count a response's input tokens", response_model=None
 )
 async def count_input_tokens(
-    body: InputTokensRequest, request: Request, principal: Principal = Depends(get_principal)
+    body: InputTokensRequest,
+    request: Request,
+    principal: Principal = Depends(get_principal),
+    models: Models = Depends(get_models),
+    meter: Meter = Depends(get_meter),
+    store: ResponsesClient = Depends(get_responses),
 ) -> Any:
     """The tokens the input would take (OpenAI's `POST /responses/input_tokens`): the
     conversation as the model reads it, tools and instructions included. Counted by the
     model's tokenizer; nothing generated, nothing billed."""
-    ingress = get_ingress(request)
-    model = chat_model(ingress, body.model) if body.model else ingress.default_model("chat")
+    model = models.resolve(body.model, "chat").config if body.model else models.default("chat")
     if model is None:
         raise NotFound("No chat model is served")
     request.state.model = model.id
-    history = await previous(ingress, body.previous_response_id, principal)
+    history = await previous(store, body.previous_response_id, principal)
     inputs = [item_resource(i) for i in resolve_references(body, history)]
     probe = CreateResponseRequest.model_construct(
         **{**defaults(CreateResponseRequest), **dict(body), "model": model.id}
@@ -145,7 +155,7 @@ async def count_input_tokens(
     chat = chat_request(probe, parse_items(history + inputs), model.id)
     tries = failover.Tries.at(request.url.path)
     try:
-        budget = await prompt_tokens(ingress, chat, model, tries, principal.key_id)
+        budget = await prompt_tokens(models, meter, chat, model, tries, principal.key_id)
     except Exception as exc:  # past the context: the error still counts the prompt
         if not _too_long(exc):
             raise
@@ -157,18 +167,21 @@ async def count_input_tokens(
 
 @router.get("/responses/{response_id}", summary="Get a model response", response_model=None)
 async def get_response(
-    response_id: str, request: Request, principal: Principal = Depends(get_principal)
+    response_id: str,
+    principal: Principal = Depends(get_principal),
+    store: ResponsesClient = Depends(get_responses),
 ) -> Any:
-    record = await stored(get_ingress(request), response_id, principal)
+    record = await stored(store, response_id, principal)
     return record.response
 
 
 @router.delete("/responses/{response_id}", summary="Delete a model response", response_model=None)
 async def delete_response(
-    response_id: str, request: Request, principal: Principal = Depends(get_principal)
+    response_id: str,
+    principal: Principal = Depends(get_principal),
+    store: ResponsesClient = Depends(get_responses),
 ) -> Any:
-    ingress = get_ingress(request)
-    if not await ingress.responses.delete(response_id, principal.key_id):
+    if not await store.delete(response_id, principal.key_id):
         raise not_found(response_id)
     return ResponseDeleted(id=response_id).model_dump()
 
@@ -177,12 +190,13 @@ async def delete_response(
     "/responses/{response_id}/cancel", summary="Cancel a background response", response_model=None
 )
 async def cancel_response(
-    response_id: str, request: Request, principal: Principal = Depends(get_principal)
+    response_id: str,
+    principal: Principal = Depends(get_principal),
+    store: ResponsesClient = Depends(get_responses),
 ) -> Any:
     """Stops a ``background`` response that is queued or in progress (its run notices within
     a second, wherever it runs); cancelling a finished one is a 400, as OpenAI's."""
-    ingress = get_ingress(request)
-    record = await ingress.responses.cancel(response_id, principal.key_id)
+    record = await store.cancel(response_id, principal.key_id)
     if record is None:
         raise not_found(response_id)
     if not record.background:
@@ -205,14 +219,14 @@ async def cancel_response(
 )
 async def list_input_items(
     response_id: str,
-    request: Request,
     principal: Principal = Depends(get_principal),
+    store: ResponsesClient = Depends(get_responses),
     limit: int = Query(default=20, ge=1, le=100),
     order: Literal["asc", "desc"] = "desc",
     after: str | None = None,
     include: list[str] | None = Query(default=None, alias="include[]"),
 ) -> Any:
-    record = await stored(get_ingress(request), response_id, principal)
+    record = await stored(store, response_id, principal)
     try:
         page = ResponseItemList.page(record.input_items, limit=limit, order=order, after=after)
     except ValueError as exc:
@@ -223,16 +237,11 @@ async def list_input_items(
 # --- the parts -------------------------------------------------------------------------------
 
 
-def chat_model(ingress: Services, name: str) -> ModelConfig:
-    ingress.resolve(name, "chat")  # 404 for an unknown model
-    return ingress.by_name[name]
-
-
-def refuse_hosted_tools(ingress: Services, body: ResponseInputs) -> None:
+def refuse_hosted_tools(config: AppConfig, body: ResponseInputs) -> None:
     """Hosted tools (web search...) are dropped, never offered: Codex lists ``web_search`` in
     every request. ``responses.hosted_tools: refuse`` makes them a 400 naming them instead."""
     message = hosted_tools_refusal(body)
-    if message is not None and ingress.config.responses.hosted_tools == "refuse":
+    if message is not None and config.responses.hosted_tools == "refuse":
         raise BadRequest(message, details={"param": "tools"})
 
 
@@ -242,22 +251,22 @@ def not_found(response_id: str) -> NotFound:
     )
 
 
-async def stored(ingress: Services, response_id: str, principal: Principal) -> Any:
+async def stored(store: ResponsesClient, response_id: str, principal: Principal) -> Any:
     """The stored response of this key (another key's, an expired or unknown one: 404)."""
-    record = await ingress.responses.get(response_id, principal.key_id)
+    record = await store.get(response_id, principal.key_id)
     if record is None:
         raise not_found(response_id)
     return record
 
 
 async def previous(
-    ingress: Services, response_id: str | None, principal: Principal
+    store: ResponsesClient, response_id: str | None, principal: Principal
 ) -> list[dict[str, Any]]:
     """The conversation a ``previous_response_id`` continues: its input and output items, and
     those of the responses before it (not their ``instructions``, as OpenAI documents)."""
     if response_id is None:
         return []
-    record = await ingress.responses.get(response_id, principal.key_id)
+    record = await store.get(response_id, principal.key_id)
     if record is None:
         raise NotFound(
             f"Previous response with id '{response_id[:100]}' not found.",
@@ -292,20 +301,21 @@ def resolve_references(body: ResponseInputs, history: list[dict[str, Any]]) -> l
 
 
 async def prompt_tokens(
-    ingress: Services, chat: Any, model: ModelConfig, tries: failover.Tries, key: str
+    models: Models, meter: Meter, chat: Any, model: ModelConfig, tries: failover.Tries, key: str
 ) -> int:
     """The prompt's tokens alone (what ``reservation`` counts, less the answer's budget)."""
 
     async def prepare(target: ModelConfig) -> dict[str, int]:
-        handle = ingress.handles[target.id]
+        handle = models.handles[target.id]
         return await failover.result(handle.prepare.remote(chat))
 
-    budget = await failover.call(ingress, model, tries, prepare, "prepare", key)
+    budget = await failover.call(models, model, tries, prepare, "prepare", key, meter)
     return int(budget["prompt_tokens"])
 
 
 async def fitted(
-    ingress: Services,
+    models: Models,
+    meter: Meter,
     body: CreateResponseRequest,
     history: list[dict[str, Any]],
     inputs: list[dict[str, Any]],
@@ -326,7 +336,7 @@ async def fitted(
         chat = whole
         if drop:
             chat = chat_request(body, parse_items(conversation[drop:]), model.id)
-        return chat, *await reservation(ingress, chat, model, CHAT, tries, key)
+        return chat, *await reservation(models, meter, chat, model, CHAT, tries, key)
 
     try:
         chat, reserve, prepared = await attempt(0)

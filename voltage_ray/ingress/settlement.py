@@ -1,10 +1,10 @@
 """Settle before the last byte: an answer is billed exactly once, even if its ingress dies.
 
-Pure ASGI middleware around the whole app. Everything a request was admitted for (its tickets,
-registered by ``Ingress.admit`` in its :class:`RequestScope`) is delivered to the limiter after the
-response has started and before its last byte leaves: the body's last byte is held back until
-the limiter has the settlement (a stream's last bytes are the chunk that ends it, after
-``[DONE]``). So when an ingress replica dies:
+Pure ASGI middleware around the whole app. It makes each request's :class:`~.meter.Meter`
+(handed to the routes with ``Depends(get_meter)``), and everything the request was admitted for
+is delivered to the limiter after the response has started and before its last byte leaves:
+the body's last byte is held back until the limiter has the settlement (a stream's last bytes
+are the chunk that ends it, after ``[DONE]``). So when an ingress replica dies:
 
 - before the response started, the proxy replays the request on another replica; the dead
   replica's hold is voided by the limiter once Ray reports it dead (``limits/owners.py``), so
@@ -14,7 +14,7 @@ the limiter has the settlement (a stream's last bytes are the chunk that ends it
 - after the settlement arrived, the answer is billed (only its last byte was still to go).
 
 What is billed follows the status: a success bills what the route recorded
-(``Ingress.settle``), another 4xx/5xx bills nothing, and a 503 (the model at capacity, no
+(``Meter.record``), another 4xx/5xx bills nothing, and a 503 (the model at capacity, no
 replica left) gives the request back too. A request that ends without a response (its client
 left) bills what was recorded, without waiting.
 
@@ -23,21 +23,18 @@ response kept whole while it is sent: the settlement carries it to the limiter, 
 repeat of the key with it (``limits/idempotency.py``). So an answer whose last byte was lost,
 with its node or its connection, is sent again when the client retries, and billed once.
 
-The request's places among those a model may hold at once (``Ingress.occupy``) are given back
+The request's places among those a model may hold at once (``Models.occupy``) are given back
 when it ends, after its last byte.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
-from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from voltage_ray.ingress.meter import METER, Admissions, Meter
 from voltage_ray.limits.idempotency import Answer
 
 # Response headers a kept answer does not repeat (the replay's own framing and id replace them).
@@ -46,54 +43,34 @@ FRAMING = frozenset(
 )
 
 
-@dataclass
-class RequestScope:
-    """What the HTTP request being served holds until its response ends."""
-
-    tickets: list[Any] = field(default_factory=list)  # admissions, settled before the last byte
-    places: dict[str, Callable[[], None]] = field(default_factory=dict)  # model id -> release
-    idempotency_key: str | None = None  # the header's value, as sent
-    digest: Any = None  # sha256 of the method, path and body (with an Idempotency-Key)
-
-    def fingerprint(self) -> str:
-        """The request as read so far (all of it, once its route parsed the body)."""
-        return self.digest.hexdigest() if self.digest is not None else ""
-
-
-# The scope of the HTTP request being served (set per request by the middleware below).
-REQUEST: ContextVar[RequestScope | None] = ContextVar("voltage_request", default=None)
-
-Deliver = Callable[[list[Any], int, bool, Answer | None], Awaitable[None]]
-
-
 class SettleBeforeLastByte:
-    """``deliver(tickets, status, wait, answer)`` settles the tickets not yet settled for a
-    response of ``status`` (0: none was sent), waiting until the limiter has them when ``wait``;
-    ``answer`` is the whole response of a request with an Idempotency-Key (None: not kept, or
-    more than ``max_answer_bytes``)."""
+    """Each request gets a :class:`Meter` of ``admissions`` (under ``scope["voltage.meter"]``);
+    its tickets not yet settled are delivered for the response's status (0: none was sent),
+    waiting until the limiter has them before the last byte; with an Idempotency-Key, with the
+    whole response (None: more than ``max_answer_bytes``)."""
 
-    def __init__(self, app: ASGIApp, deliver: Deliver, max_answer_bytes: int = 4 << 20) -> None:
+    def __init__(
+        self, app: ASGIApp, admissions: Admissions, max_answer_bytes: int = 4 << 20
+    ) -> None:
         self.app = app
-        self.deliver = deliver
+        self.admissions = admissions
         self.max_answer_bytes = max_answer_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request = RequestScope()
-        tickets = request.tickets
-        token = REQUEST.set(request)
+        meter = scope[METER] = Meter(self.admissions)
+        tickets = meter.tickets
         status = 0
         kept: list[bytes] | None = None  # the response so far, for an Idempotency-Key
         size = 0
         headers: tuple[tuple[str, str], ...] = ()
         key = dict(scope.get("headers") or []).get(b"idempotency-key")
         if key is not None:
-            request.idempotency_key = key.decode("latin-1")
-            request.digest = hashlib.sha256(f"{scope['method']} {scope['path']}\n".encode())
+            meter.keyed(key.decode("latin-1"), scope["method"], scope["path"])
             kept = []
-            receive = hashing(receive, request.digest)
+            receive = hashing(receive, meter.digest)
 
         async def settling_send(message: Message) -> None:
             nonlocal status, kept, headers, size
@@ -120,17 +97,15 @@ class SettleBeforeLastByte:
                             {"type": "http.response.body", "body": body[:-1], "more_body": True}
                         )
                         message = {**message, "body": body[-1:]}
-                    await self.deliver(tickets, status, True, answer)
+                    await meter.deliver(status, True, answer)
             await send(message)
 
         try:
             await self.app(scope, receive, settling_send)
         finally:
-            REQUEST.reset(token)
             if tickets:
-                await asyncio.shield(self.deliver(tickets, status, False, None))
-            for release in request.places.values():
-                release()
+                await asyncio.shield(meter.deliver(status, False, None))
+            meter.release()
 
 
 def hashing(receive: Receive, digest: Any) -> Receive:
