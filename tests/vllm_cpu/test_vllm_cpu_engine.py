@@ -27,6 +27,7 @@ import pytest
 from voltage_ray.backends.chat import Finished, Prepared, PromptScored, StepEvent
 from voltage_ray.backends.sampler import MIN_LOGPROB
 from voltage_ray.config import ChatSettings, GGUFSource
+from voltage_ray.deployments.asks import prepare_chat
 from voltage_ray.errors import BadRequest
 from voltage_ray.protocol.chat import ChatCompletionRequest
 
@@ -79,7 +80,7 @@ def prepare(
     backend: Any, content: str = "Write one sentence about the sea.", **kw: Any
 ) -> Prepared:
     body = {"model": "m", "messages": [{"role": "user", "content": content}], **kw}
-    return backend.prompter.prepare(ChatCompletionRequest.model_validate(body))
+    return prepare_chat(backend.prompter, ChatCompletionRequest.model_validate(body))
 
 
 async def collect(backend: Any, p: Prepared) -> tuple[list[str], list[Any], Finished]:

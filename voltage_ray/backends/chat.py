@@ -11,7 +11,7 @@ termination never disagree.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,10 +19,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from voltage_ray.backends import chat_template
+from voltage_ray.backends.chat_template import Turn
 from voltage_ray.backends.grammar import Constraint, Grammars
 from voltage_ray.config import ChatSettings
 from voltage_ray.errors import BadRequest
-from voltage_ray.protocol.tools import strict_schema
 
 # OpenAI's error code for a prompt (plus max_tokens) over the model's context, as chat and the
 # Responses API report it (clients such as Codex recognise it).
@@ -34,6 +34,26 @@ FALLBACK_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+@dataclass(frozen=True)
+class Asks:
+    """What a request asks of its tokens, engine-neutral: the backends read this, never the
+    protocol's request models (``deployments/asks.py`` makes it from a chat or completions
+    request). ``max_tokens`` None: the model's default, within its context."""
+
+    n: int = 1
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logit_bias: Mapping[str, float] | None = None  # token id (as OpenAI's JSON key) -> bias
+    logprobs: int | None = None  # None: none; k: the chosen token and its k top alternatives
+    prompt_logprobs: int | None = None  # legacy completions' echo + logprobs
+    constraint: Constraint | None = None  # what the output must be (grammar, schema, tools)
 
 
 @dataclass
@@ -193,28 +213,24 @@ class Prompter:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def prepare(self, request: Any) -> Prepared:
+    def prepare(
+        self, messages: Sequence[Turn], tools: Sequence[dict[str, Any]], asks: Asks
+    ) -> Prepared:
         """Render the messages (and tools), resolve max_tokens and what the request asks of its
         tokens; a BadRequest past the context, for a token id outside the vocabulary, or for a
         schema that cannot be enforced (compiled here, so the engine finds it cached)."""
-        self._check_choices(request.n)
-        input_ids = chat_template.render(self.tokenizer, request.messages, request.tools)
-        max_tokens = self._max_tokens(len(input_ids), request.requested_max_tokens)
-        constraint = constraint_of(request)
-        if constraint is not None:
-            self.grammars.compile(constraint)
-        return self._prepared(
-            input_ids,
-            max_tokens,
-            request,
-            logprobs=request.top_logprobs_count,
-            constraint=constraint,
-        )
+        self._check_choices(asks.n)
+        input_ids = chat_template.render(self.tokenizer, messages, tools)
+        max_tokens = self._max_tokens(len(input_ids), asks.max_tokens)
+        if asks.constraint is not None:
+            self.grammars.compile(asks.constraint)
+        return self._prepared(input_ids, max_tokens, asks)
 
-    def prepare_text(self, prompt: str | list[int], request: Any) -> Prepared:
+    def prepare_text(self, prompt: str | list[int], asks: Asks) -> Prepared:
         """A raw prompt (legacy completions: text or token ids, no chat template) with the
-        request's sampling; BadRequest for ids outside the vocabulary or past the context."""
-        self._check_choices(request.n)
+        request's sampling; BadRequest for ids outside the vocabulary or past the context.
+        ``asks.max_tokens`` 0: the prompt alone (scored, with ``prompt_logprobs``)."""
+        self._check_choices(asks.n)
         if isinstance(prompt, str):
             input_ids = [int(t) for t in self.tokenizer.encode(prompt)]
         else:
@@ -228,7 +244,7 @@ class Prompter:
             input_ids = list(prompt)
         if not input_ids:
             raise BadRequest("prompt is empty once tokenized", details={"param": "prompt"})
-        max_tokens = request.max_tokens
+        max_tokens = asks.max_tokens or 0
         if max_tokens:
             max_tokens = self._max_tokens(len(input_ids), max_tokens)
         elif len(input_ids) > self.context_length:
@@ -237,31 +253,23 @@ class Prompter:
                 f"prompt has {len(input_ids)}.",
                 details={**TOO_LONG, "prompt_tokens": len(input_ids)},
             )
-        scored = request.logprobs
-        return self._prepared(
-            input_ids,
-            max_tokens,
-            request,
-            logprobs=scored,
-            prompt_logprobs=scored if request.echo else None,
-        )
+        return self._prepared(input_ids, max_tokens, asks)
 
-    def _prepared(
-        self, input_ids: list[int], max_tokens: int, request: Any, **asks: Any
-    ) -> Prepared:
-        """The fields chat and completions requests share; ``asks``: the rest."""
+    def _prepared(self, input_ids: list[int], max_tokens: int, asks: Asks) -> Prepared:
         return Prepared(
             input_ids=input_ids,
             max_tokens=max_tokens,
-            n=request.n,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            presence_penalty=request.presence_penalty,
-            frequency_penalty=request.frequency_penalty,
-            stop=request.stop_list,
-            seed=request.seed,
-            logit_bias=self._logit_bias(request.logit_bias),
-            **asks,
+            n=asks.n,
+            temperature=asks.temperature,
+            top_p=asks.top_p,
+            presence_penalty=asks.presence_penalty,
+            frequency_penalty=asks.frequency_penalty,
+            stop=list(asks.stop),
+            seed=asks.seed,
+            logit_bias=self._logit_bias(asks.logit_bias),
+            logprobs=asks.logprobs,
+            constraint=asks.constraint,
+            prompt_logprobs=asks.prompt_logprobs,
         )
 
     def _check_choices(self, n: int) -> None:
@@ -292,7 +300,7 @@ class Prompter:
             )
         return requested
 
-    def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
+    def _logit_bias(self, bias: Mapping[str, float] | None) -> dict[int, float]:
         out = {int(k): float(v) for k, v in (bias or {}).items()}
         outside = sorted(t for t in out if t >= self.vocab_size)
         if outside:
@@ -331,50 +339,3 @@ class ChatEngine(Prompter):
         self.model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, dtype))
         self.model.to(self.device).eval()
         super().__init__(location, settings, self.model)
-
-
-def constraint_of(request: Any) -> Constraint | None:
-    """What a request's output must be: the forced tool call(s) (tool_choice required or a
-    named function), else ``structured_outputs`` or ``response_format``; None for free text."""
-    mode = request.tool_mode
-    if mode == "named":
-        (tool,) = request.forced_tools
-        return Constraint.of(
-            "tool_calls",
-            strict_schema(tool.function.parameters_schema),
-            f"tools[{tool.function.name}].parameters",
-        )
-    if mode == "required":
-        calls = [
-            {
-                "type": "object",
-                "properties": {
-                    "name": {"const": t.function.name},
-                    "parameters": strict_schema(t.function.parameters_schema),
-                },
-                "required": ["name", "parameters"],
-                "additionalProperties": False,
-            }
-            for t in request.forced_tools
-        ]
-        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
-        if not request.parallel_tool_calls:
-            schema["maxItems"] = 1
-        return Constraint.of("tool_calls", schema, "tools")
-    extension = request.structured_outputs
-    if extension is not None:
-        if extension.regex is not None:
-            return Constraint.regex(extension.regex, "structured_outputs.regex")
-        if extension.choice is not None:
-            return Constraint.choice(extension.choice, "structured_outputs.choice")
-        if extension.grammar is not None:
-            return Constraint.lark(extension.grammar, "structured_outputs.grammar")
-        return Constraint.of("json_schema", extension.json_ or {}, "structured_outputs.json")
-    fmt = request.response_format
-    if fmt is None or fmt.type == "text":
-        return None
-    if fmt.type == "json_object":
-        return Constraint.of("json_object", {"type": "object"}, "response_format")
-    spec = fmt.json_schema
-    schema = spec.schema_ if spec.schema_ is not None else {"type": "object"}
-    return Constraint.of("json_schema", strict_schema(schema), "response_format.json_schema.schema")

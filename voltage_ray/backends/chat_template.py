@@ -14,6 +14,8 @@ where the template has no developer role.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 HERMES_TOOLS_PROMPT = (
@@ -36,12 +38,36 @@ def knows_tools(tokenizer: Any) -> bool:
     return "tools" in template_source(tokenizer)
 
 
-def render(tokenizer: Any, messages: list[Any], tools: list[Any] | None) -> list[int]:
-    """Token ids of ``messages`` (protocol models) with ``tools`` (function tools), ending with
-    the assistant's generation prompt."""
+@dataclass(frozen=True)
+class Call:
+    """A tool call an assistant turn made: its id, function name and arguments (JSON text)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One message of a conversation, engine-neutral (``deployments/asks.py`` makes them from
+    the protocol's messages): its role, text, optional author name, the tool calls an assistant
+    turn made, and the call a tool turn answers."""
+
+    role: str
+    text: str
+    name: str | None = None
+    tool_calls: tuple[Call, ...] = ()
+    tool_call_id: str | None = None
+
+
+def render(
+    tokenizer: Any, messages: Sequence[Turn], tools: Sequence[dict[str, Any]] = ()
+) -> list[int]:
+    """Token ids of ``messages`` with ``tools`` (function tools as OpenAI's JSON: ``{"type":
+    "function", "function": {...}}``), ending with the assistant's generation prompt."""
     source = template_source(tokenizer)
     developer = "developer" in source
-    tool_dicts = [t.model_dump(exclude_none=True) for t in tools or []]
+    tool_dicts = list(tools)
     if knows_tools(tokenizer):
         entries = [_native(m, developer) for m in messages]
         extra: dict[str, Any] = {"tools": tool_dicts} if tool_dicts else {}
@@ -54,8 +80,8 @@ def render(tokenizer: Any, messages: list[Any], tools: list[Any] | None) -> list
     return [int(t) for t in ids]
 
 
-def _role(message: Any, developer: bool) -> str:
-    role = str(message.role)
+def _role(message: Turn, developer: bool) -> str:
+    role = message.role
     return "system" if role == "developer" and not developer else role
 
 
@@ -67,19 +93,16 @@ def _arguments(text: str) -> Any:
         return text
 
 
-def _native(message: Any, developer: bool) -> dict[str, Any]:
+def _native(message: Turn, developer: bool) -> dict[str, Any]:
     entry: dict[str, Any] = {"role": _role(message, developer), "content": message.text}
-    if getattr(message, "name", None):
+    if message.name:
         entry["name"] = message.name
     if message.role == "assistant" and message.tool_calls:
         entry["tool_calls"] = [
             {
                 "id": call.id,
                 "type": "function",
-                "function": {
-                    "name": call.function.name,
-                    "arguments": _arguments(call.function.arguments),
-                },
+                "function": {"name": call.name, "arguments": _arguments(call.arguments)},
             }
             for call in message.tool_calls
         ]
@@ -88,7 +111,9 @@ def _native(message: Any, developer: bool) -> dict[str, Any]:
     return entry
 
 
-def _hermes(messages: list[Any], tools: list[dict[str, Any]], developer: bool) -> list[Any]:
+def _hermes(
+    messages: Sequence[Turn], tools: list[dict[str, Any]], developer: bool
+) -> list[dict[str, Any]]:
     """The fallback for templates without tool support: plain system/user/assistant turns."""
     entries: list[dict[str, Any]] = []
     for m in messages:
@@ -104,13 +129,13 @@ def _hermes(messages: list[Any], tools: list[dict[str, Any]], developer: bool) -
         text = m.text
         if role == "assistant" and m.tool_calls:
             calls = [
-                json.dumps({"name": c.function.name, "arguments": _arguments(c.function.arguments)})
+                json.dumps({"name": c.name, "arguments": _arguments(c.arguments)})
                 for c in m.tool_calls
             ]
             blocks = "\n".join(f"<tool_call>\n{call}\n</tool_call>" for call in calls)
             text = f"{text}\n{blocks}" if text else blocks
         entry: dict[str, Any] = {"role": role, "content": text}
-        if getattr(m, "name", None):
+        if m.name:
             entry["name"] = m.name
         entries.append(entry)
     for entry in entries:

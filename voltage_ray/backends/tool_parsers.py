@@ -10,7 +10,7 @@ JSON text, which concatenate to the call's ``arguments``.
   the model's own ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks (Qwen2.5,
   SmolLM2, Hermes); text outside them is the message's content.
 - :class:`RequiredParser` and :class:`NamedParser` read what the constraint of ``tool_choice:
-  required`` and of a named function produce (``chat.constraint_of``): a JSON array of
+  required`` and of a named function produce (``deployments/asks.constraint_of``): a JSON array of
   ``{"name", "parameters"}`` objects, and the named function's arguments object.
 """
 

@@ -29,6 +29,7 @@ from voltage_ray.backends.chat import Finished, Prepared, PromptScored, StepEven
 from voltage_ray.backends.factory import build_backend
 from voltage_ray.backends.fairness import Tenant
 from voltage_ray.config import ModelConfig
+from voltage_ray.deployments.asks import prepare_chat, prepare_completion
 from voltage_ray.deployments.chat_output import ChoiceOutput, tool_parser
 from voltage_ray.deployments.completion_output import CompletionOutput, merge
 from voltage_ray.deployments.logs import quiet_refusals
@@ -162,7 +163,7 @@ class ChatServer:
         if prepared is not None:
             return req, prepared
         self._stats["tokenized"] += 1
-        return req, await asyncio.to_thread(self.prompter.prepare, req)
+        return req, await asyncio.to_thread(prepare_chat, self.prompter, req)
 
     def _outputs(self, req: ChatCompletionRequest, prepared: Prepared) -> list[ChoiceOutput]:
         assert self.config.chat is not None
@@ -284,7 +285,7 @@ class ChatServer:
         self._stats["tokenized"] += 1
 
         def prepare() -> list[Prepared]:
-            return [self.prompter.prepare_text(prompt, req) for prompt in req.prompts]
+            return [prepare_completion(self.prompter, prompt, req) for prompt in req.prompts]
 
         return req, await asyncio.to_thread(prepare)
 
