@@ -8,8 +8,10 @@ each other)::
     app                    build_app(args): the Serve application (the api)
     ingress                routes -> the services they call -> handles (its own order below)
     deployments            ChatServer, EmbeddingServer, ImageServer and their builder
-    backends               model code behind small protocols (no Ray, no HTTP)
-    protocol, limits       the wire's models; keys, plans, quotas and the limiter
+    backends, protocol, limits
+                           model code behind small protocols (no Ray, no HTTP, no wire
+                           models: it takes deployments/asks.py's Turns and Asks); the
+                           wire's models; keys, plans, quotas and the limiter
     config, errors, metrics
     voltage_ray            the package itself (``__version__``)
 
@@ -41,8 +43,7 @@ LAYERS: list[set[str]] = [
     {"app"},
     {"ingress"},
     {"deployments"},
-    {"backends"},
-    {"protocol", "limits"},
+    {"backends", "protocol", "limits"},
     {"config", "errors", "metrics"},
     {""},  # voltage_ray/__init__.py
 ]
