@@ -170,10 +170,15 @@ def cpu_app_args(engine: str, a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def default_app() -> tuple[dict[str, Any], dict[str, str]]:
+def default_app(chat_threads: int | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """README's ``voltage-ray serve``: serve_config.yaml's app args as they are (chat,
-    embeddings and images models, the ingress) and its controller's environment (HAProxy)."""
+    embeddings and images models, the ingress; ``chat_threads`` replaces the chat model's
+    ``threads``) and its controller's environment (HAProxy)."""
     config = yaml.safe_load(SERVE_CONFIG.read_text())
+    if chat_threads is not None:
+        for model in config["applications"][0]["args"]["models"]:
+            if model["kind"] == "chat":
+                model["chat"]["threads"] = chat_threads
     env = config.get("controller_options", {}).get("runtime_env", {}).get("env_vars", {})
     # HAProxy's own metrics and stats ports, free ones: another Serve app on the box may hold
     # the defaults (9101, 8404), and HAProxy then fails to start
@@ -261,7 +266,7 @@ def run_cpu_engine(engine: str, a: argparse.Namespace) -> list[Level] | None:
         if engine in LLAMA_SERVERS:
             context: Any = llama_server(a, threads)
         elif engine == "default":
-            args, env = default_app()
+            args, env = default_app(a.chat_threads)
             context = serve_app(args, env={**env, **NICE_ENV})
         elif engine == "ray-serve-llm":
             context = ray_serve_llm(a)
@@ -420,6 +425,9 @@ def parse_args() -> argparse.Namespace:
         "--replicas", type=int, default=1, help="cpu: our chat replicas, threads / replicas each"
     )
     p.add_argument("--llama-server", default=None, help="cpu: path of llama-server")
+    p.add_argument(
+        "--chat-threads", type=int, default=None, help="cpu: engine default's chat.threads"
+    )
     p.add_argument("--slot-context", type=int, default=2048, help="cpu: llama-server ctx/slot")
     p.add_argument(
         "--proxy",

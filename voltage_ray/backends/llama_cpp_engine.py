@@ -407,9 +407,9 @@ def threads_for(num_cpus: float) -> int:
 # NOTE: measured in process on 2 idle cores (SmolLM2 Q4_1, median step): one row 12.3-12.5 ms
 # on 1 thread vs 7.7-8.1 ms on 2; 2 rows 22.7 vs 13.9; 8 rows 61 vs 33-38; a 200-token prompt
 # chunk 1.13-1.23 s vs 0.58 s. Served (serve_config.yaml, one greedy stream, a loaded box):
-# 68.3 tok/s with 2 threads for one row vs 52.8 with 1. No step shape measured faster on fewer
-# threads here, so the rule (``llama_cpp.threads_for_step``) keeps them all; a bigger node, where
-# one row cannot feed many threads, would set it.
+# 68.3 tok/s with 2 threads for one row vs 52.8 with 1 (poll 50, one run each). No step shape
+# measured faster on fewer threads here, so the rule (``llama_cpp.threads_for_step``) keeps them
+# all; a bigger node, where one row cannot feed many threads, would set it.
 ONE_ROW_THREADS: int | None = None
 # ggml's polling between passes (0-100; its default 50 spins up to 1024 * 128 * 50 pause loops,
 # longer than a step here, so an idle pool thread holds its core while this process samples and
