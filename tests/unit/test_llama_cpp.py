@@ -18,6 +18,7 @@ from voltage_ray.backends.llama_cpp import (
     LlamaCppError,
     LlamaCppModel,
     llama_cpp_unavailable,
+    threads_for_step,
 )
 from voltage_ray.backends.sources import materialize, resolve_path, unavailable
 from voltage_ray.config import GGUFSource
@@ -153,6 +154,33 @@ def test_chunks_longer_than_n_batch_take_several_decodes(fresh: LlamaCppModel) -
         small.close()
     for got, prompt in zip(rows, [PROMPTS[0], PROMPTS[2]], strict=True):
         np.testing.assert_allclose(got, alone(fresh, prompt), atol=ATOL)
+
+
+def test_one_decoding_row_takes_its_own_threads_and_a_batch_takes_them_all() -> None:
+    assert threads_for_step(1, 2, 1) == 1  # one row decoding
+    assert threads_for_step(2, 2, 1) == 2  # rows decoding together
+    assert threads_for_step(256, 2, 1) == 2  # a prompt chunk
+    assert threads_for_step(1, 2, 2) == 2
+    assert threads_for_step(1, 1, 2) == 1  # never more than the pool holds
+    assert threads_for_step(8, 4, 1) == 4
+    assert threads_for_step(1, 4, 0) == 1  # at least one
+
+
+def test_each_pass_runs_on_the_threads_its_work_asks(fresh: LlamaCppModel) -> None:
+    m = open_model(n_threads=2, one_row_threads=1, poll=0)  # its idle threads sleep
+    try:
+        assert m.threads_used == 2  # the context starts with the pool's size
+        m.forward([Chunk(0, PROMPTS[0], 0, True)])
+        assert m.threads_used == 2
+        n = len(PROMPTS[0])
+        one = m.forward([Chunk(0, [PROMPTS[1][0]], n, True)])[0]
+        assert m.threads_used == 1
+        m.forward([Chunk(0, [1], n + 1, True), Chunk(1, [1], 0, True)])
+        assert m.threads_used == 2
+    finally:
+        m.close()
+    # and the thread count changes no result beyond rounding
+    np.testing.assert_allclose(one, alone(fresh, [*PROMPTS[0], PROMPTS[1][0]]), atol=ATOL)
 
 
 def test_bad_chunks_are_refused_before_llama_cpp_sees_them(fresh: LlamaCppModel) -> None:

@@ -114,19 +114,34 @@ def _ggml_cpu() -> Any:
     return base, cpu, attach
 
 
-def _threadpool(ctx: Any, n_threads: int) -> Any:
+class _PoolParams(ctypes.Structure):
+    """ggml's ``struct ggml_threadpool_params`` (ggml.h)."""
+
+    _fields_ = [
+        ("cpumask", ctypes.c_bool * 512),  # GGML_MAX_N_THREADS
+        ("n_threads", ctypes.c_int),
+        ("prio", ctypes.c_int),  # enum ggml_sched_priority
+        ("poll", ctypes.c_uint32),  # 0: sleep as soon as a graph is done ... 100
+        ("strict_cpu", ctypes.c_bool),
+        ("paused", ctypes.c_bool),
+    ]
+
+
+def _threadpool(ctx: Any, n_threads: int, poll: int) -> Any:
     """A persistent ggml threadpool of ``n_threads``, attached to ``ctx`` (None if ggml refused).
 
     NOTE: without one, ggml (built without OpenMP, as scripts/install builds it) starts a
     disposable pool inside every ``llama_decode``: fresh threads for each step. llama-server
     attaches a pool as this does; hybrid polling (ggml's default, 50) as there: threads spin
     briefly between graphs, then sleep. In process, SmolLM2, 2 threads, greedy: 1 stream
-    ~1.04x and 8 streams ~1.1x the tokens/s of no pool (noisy, 2 runs each).
+    ~1.04x and 8 streams ~1.1x the tokens/s of no pool (noisy, 2 runs each). ``poll``: how
+    long an idle thread spins before it sleeps (ggml's 0-100; the engine passes 0).
     """
     base, cpu, attach = _ggml_cpu()
-    params = ctypes.create_string_buffer(1024)  # struct ggml_threadpool_params: ~530 bytes
-    base.ggml_threadpool_params_init(params, n_threads)
-    pool = cpu.ggml_threadpool_new(params)
+    params = _PoolParams()
+    base.ggml_threadpool_params_init(ctypes.byref(params), n_threads)
+    params.poll = poll
+    pool = cpu.ggml_threadpool_new(ctypes.byref(params))
     if not pool:
         logger.warning(
             "ggml could not start a %d-thread pool; llama.cpp makes one per step", n_threads
@@ -174,6 +189,18 @@ def _layout(chunks: Sequence[Chunk]) -> tuple[np.ndarray, ...]:
     return tuple(np.concatenate(a) for a in (seq, tokens, pos, row))
 
 
+def threads_for_step(tokens: int, n_threads: int, one_row_threads: int) -> int:
+    """llama.cpp threads for a pass of ``tokens`` tokens: ``one_row_threads`` for one decode
+    row (capped by ``n_threads``), all ``n_threads`` for anything larger (rows decoding
+    together, a prompt chunk): those passes are compute-bound and scale with cores.
+
+    NOTE: the attached pool has ``n_threads`` workers; a pass may use fewer (ggml sets the
+    graph's thread count per compute; the pool's size caps it, ``ggml_graph_compute``), and the
+    idle workers wait. Figures at ``llama_cpp_engine.ONE_ROW_THREADS``.
+    """
+    return max(1, min(n_threads, one_row_threads if tokens <= 1 else n_threads))
+
+
 def _free(lib: Any, model: Any, ctx: Any, batch: Any, pool: Any) -> None:
     # NOTE: order matters: the batch and context before the threadpool and the model they use.
     lib.llama_batch_free(batch)
@@ -186,9 +213,12 @@ def _free(lib: Any, model: Any, ctx: Any, batch: Any, pool: Any) -> None:
 class LlamaCppModel:
     """One llama.cpp model and context: forward passes over several sequences in one batch.
 
-    ``n_threads`` serves decode and prefill alike: the replica's CPUs, never more (llama.cpp's
-    threads spin at barriers, so oversubscribed cores stall every step). llama.cpp rounds
-    ``n_ctx_per_seq`` up to a multiple of 256; the attribute holds the real size. Not
+    ``n_threads`` is the size of the threadpool and the threads of every pass of more than one
+    token; a pass of one token (one row decoding) takes ``one_row_threads`` (default
+    ``n_threads``): :func:`threads_for_step`. Never more than the cores the replica may use
+    (llama.cpp's threads spin at barriers, so oversubscribed cores stall every step).
+    ``poll``: ggml's polling level for the pool's idle threads (0 sleeps at once). llama.cpp
+    rounds ``n_ctx_per_seq`` up to a multiple of 256; the attribute holds the real size. Not
     thread-safe: one scheduler thread calls it (``llama_decode`` releases the GIL).
     """
 
@@ -200,6 +230,8 @@ class LlamaCppModel:
         n_seq_max: int,
         n_threads: int,
         n_batch: int = 512,
+        one_row_threads: int | None = None,
+        poll: int = 50,
     ) -> None:
         reason = llama_cpp_unavailable()
         if reason is not None:
@@ -222,7 +254,7 @@ class LlamaCppModel:
             lib.llama_model_free(model)
             raise LlamaCppError(f"llama.cpp could not create a context for {gguf_path}")
         batch = lib.llama_batch_init(n_batch, 0, n_seq_max)
-        pool = _threadpool(ctx, n_threads)
+        pool = _threadpool(ctx, n_threads, poll)
         self._ctx, self._memory = ctx, lib.llama_get_memory(ctx)
         self._closer = weakref.finalize(self, _free, lib, model, ctx, batch, pool)
         self._batch = batch
@@ -230,6 +262,8 @@ class LlamaCppModel:
         self.context_length: int = lib.llama_model_n_ctx_train(model)
         self.n_ctx_per_seq: int = lib.llama_n_ctx_seq(ctx)
         self.n_seq_max, self.n_batch, self.n_threads = n_seq_max, n_batch, n_threads
+        self.one_row_threads = n_threads if one_row_threads is None else one_row_threads
+        self.threads_used = n_threads  # the thread count of the last pass
         # numpy views of the batch's arrays, so filling a batch is a few vector copies
         self._token = np.ctypeslib.as_array(batch.token, shape=(n_batch,))
         self._pos = np.ctypeslib.as_array(batch.pos, shape=(n_batch,))
@@ -277,6 +311,12 @@ class LlamaCppModel:
         self, seq: np.ndarray, tokens: np.ndarray, pos: np.ndarray, want: np.ndarray
     ) -> None:
         n = len(tokens)
+        threads = threads_for_step(n, self.n_threads, self.one_row_threads)
+        if threads != self.threads_used:
+            # NOTE: both counts: llama.cpp takes n_threads for a one-token ubatch and
+            # n_threads_batch for a larger one (llama_context::graph_compute)
+            self._lib.llama_set_n_threads(self._ctx, threads, threads)
+            self.threads_used = threads
         self._token[:n], self._pos[:n], self._want[:n] = tokens, pos, want
         seq_ids = self._batch.seq_id
         for i, s in enumerate(seq.tolist()):

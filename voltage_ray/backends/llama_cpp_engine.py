@@ -399,8 +399,24 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def threads_for(num_cpus: float) -> int:
-    """llama.cpp threads for a replica given ``num_cpus``: never more than it was given."""
+    """llama.cpp threads for a replica given ``num_cpus`` and no ``chat.threads``."""
     return max(1, int(num_cpus))
+
+
+# Threads of a one-token pass (one row decoding); None: all of them, as every larger pass.
+# NOTE: measured in process on 2 idle cores (SmolLM2 Q4_1, median step): one row 12.3-12.5 ms
+# on 1 thread vs 7.7-8.1 ms on 2; 2 rows 22.7 vs 13.9; 8 rows 61 vs 33-38; a 200-token prompt
+# chunk 1.13-1.23 s vs 0.58 s. Served (serve_config.yaml, one greedy stream, a loaded box):
+# 68.3 tok/s with 2 threads for one row vs 52.8 with 1 (poll 50, one run each). No step shape
+# measured faster on fewer threads here, so the rule (``llama_cpp.threads_for_step``) keeps them
+# all; a bigger node, where one row cannot feed many threads, would set it.
+ONE_ROW_THREADS: int | None = None
+# ggml's polling between passes (0-100; its default 50 spins up to 1024 * 128 * 50 pause loops,
+# longer than a step here, so an idle pool thread holds its core while this process samples and
+# the ingress and proxy relay the token). NOTE: 0, the pool's threads sleep as soon as a pass
+# ends and wake on the next (a futex wake per pass): the cores go to the serving stack between
+# steps.
+POOL_POLL = 0
 
 
 class LlamaCppBackend(SchedulerBackend):
@@ -426,9 +442,11 @@ class LlamaCppBackend(SchedulerBackend):
         torch.set_num_threads(1)
         self.prompter = Prompter(tokenizer_dir, settings)
         self.prompter.max_choices = settings.max_num_seqs  # one KV slot per choice
-        self.threads = threads_for(num_cpus)
+        self.threads = settings.threads or threads_for(num_cpus)
         self.model = LlamaCppModel(
             gguf_path,
+            one_row_threads=ONE_ROW_THREADS,
+            poll=POOL_POLL,
             n_ctx_per_seq=self.prompter.context_length,
             n_seq_max=settings.max_num_seqs + settings.headroom_rows,
             n_threads=self.threads,
