@@ -186,7 +186,7 @@ def test_default_serve_config_is_valid() -> None:
     # Chat's llama.cpp threads are set apart from its reservation, and the reservations fit a
     # 2-CPU node.
     chat = next(m for m in cfg.models if m.kind == "chat")
-    assert chat.chat is not None and chat.chat.threads == 1
+    assert chat.chat is not None and chat.chat.threads == 2  # both cores when the others idle
     assert chat.deployment.ray_actor_options.num_cpus == 1
     reserved = sum(m.deployment.ray_actor_options.num_cpus for m in cfg.models)
     assert reserved + cfg.ingress.deployment.ray_actor_options.num_cpus <= 2
