@@ -44,25 +44,27 @@ def turns(messages: list[ChatMessage]) -> list[Turn]:
 
 
 def chat_asks(request: ChatCompletionRequest) -> Asks:
-    return Asks(
-        n=request.n,
+    return _asks(
+        request,
         max_tokens=request.requested_max_tokens,
-        temperature=request.temperature,
-        top_p=request.top_p,
-        presence_penalty=request.presence_penalty,
-        frequency_penalty=request.frequency_penalty,
-        stop=tuple(request.stop_list),
-        seed=request.seed,
-        logit_bias=request.logit_bias,
         logprobs=request.top_logprobs_count,
         constraint=constraint_of(request),
     )
 
 
 def completion_asks(request: CompletionRequest) -> Asks:
+    return _asks(
+        request,
+        max_tokens=request.max_tokens,
+        logprobs=request.logprobs,
+        prompt_logprobs=request.logprobs if request.echo else None,
+    )
+
+
+def _asks(request: ChatCompletionRequest | CompletionRequest, **more: Any) -> Asks:
+    """The fields chat and completions requests share; ``more``: the rest."""
     return Asks(
         n=request.n,
-        max_tokens=request.max_tokens,
         temperature=request.temperature,
         top_p=request.top_p,
         presence_penalty=request.presence_penalty,
@@ -70,8 +72,7 @@ def completion_asks(request: CompletionRequest) -> Asks:
         stop=tuple(request.stop_list),
         seed=request.seed,
         logit_bias=request.logit_bias,
-        logprobs=request.logprobs,
-        prompt_logprobs=request.logprobs if request.echo else None,
+        **more,
     )
 
 
