@@ -1,7 +1,7 @@
 """Tenant isolation: one key's latency alone and under another key's flood, and what the flood
 keeps of its throughput. One run, this box.
 
-README's default config (``serve_config.yaml``: SmolLM2 on llama.cpp, one thread, 8 rows, the
+README's default config (``serve_config.yaml``: SmolLM2 on llama.cpp, two threads, 8 rows, the
 embeddings and images models beside it) under ``serve run`` with HAProxy, as ``voltage-ray
 serve`` runs it. Two keys on one plan with no limits (``bench``), so that fair scheduling alone
 keeps them apart (``--plan pro`` runs them on configs/plans.yaml's pro plan instead):
