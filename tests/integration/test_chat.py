@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
 import httpx
 import openai
@@ -217,6 +218,30 @@ def test_model_deployment_is_usable_through_its_handle(served: ServedApp) -> Non
     chunks = list(handle.options(stream=True).chat_stream.remote(request))
     assert all(isinstance(c, ChatCompletionChunk) for c in chunks)
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 3
+
+
+def test_a_batched_handle_stream_carries_the_same_chunks_in_fewer_items(
+    served: ServedApp,
+) -> None:
+    """``batch_ms`` (what the ingress passes: the model's ``chat.stream_interval_ms``): lists of
+    chunks, the role chunk and first token in the first; the same chunks as one by one."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("chat-tiny-chat", app_name="voltage").options(stream=True)
+    request = {"model": "tiny-chat", "messages": USER, "max_tokens": 16, "seed": 7}
+    single = list(handle.chat_stream.remote(request))
+    lists = list(handle.chat_stream.remote(request, None, None, 1000.0))
+    assert all(isinstance(item, list) for item in lists)
+    flat = [chunk for item in lists for chunk in item]
+
+    def text(chunks: list[Any]) -> str:
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    assert text(flat) == text(single) and len(flat) == len(single) > 3
+    assert flat[-1].usage == single[-1].usage
+    assert len(lists) < len(single)  # a 1 s interval: the tiny model's tokens came together
+    first = lists[0]
+    assert first[0].choices[0].delta.role == "assistant" and len(first) >= 2  # with a token
 
 
 @pytest.mark.parametrize(

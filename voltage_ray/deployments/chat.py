@@ -2,11 +2,13 @@
 
 ``chat`` returns a whole :class:`ChatCompletionResponse`; ``chat_stream`` yields
 :class:`ChatCompletionChunk`s and always ends with a usage chunk (``choices == []``), which the
-ingress forwards only when the client asked for it. ``complete`` and ``complete_stream`` do the
-same for legacy text completions (:class:`CompletionResponse`: raw prompts, no chat
-template). The engine (``chat.engine`` in the config: llama.cpp or transformers continuous
-batching on CPU, vLLM on GPU) batches all requests of a replica; cancelling the caller (client
-disconnect, deadline) cancels its request in the engine.
+ingress forwards only when the client asked for it. With ``batch_ms`` (the ingress passes the
+model's ``chat.stream_interval_ms``) it yields lists of chunks instead, at most one list per
+``batch_ms`` after the first (``deployments/stream_batches.py``). ``complete`` and
+``complete_stream`` do the same for legacy text completions (:class:`CompletionResponse`: raw
+prompts, no chat template). The engine (``chat.engine`` in the config: llama.cpp or
+transformers continuous batching on CPU, vLLM on GPU) batches all requests of a replica;
+cancelling the caller (client disconnect, deadline) cancels its request in the engine.
 
 Every method takes the request's ``tenant`` (``backends/fairness.py``; the ingress passes the
 API key's, handle callers may leave it out): the engine shares its rows and queue fairly between
@@ -33,6 +35,7 @@ from voltage_ray.deployments.asks import prepare_chat, prepare_completion
 from voltage_ray.deployments.chat_output import ChoiceOutput, tool_parser
 from voltage_ray.deployments.completion_output import CompletionOutput, merge
 from voltage_ray.deployments.logs import quiet_refusals
+from voltage_ray.deployments.stream_batches import in_batches
 from voltage_ray.errors import Overloaded
 from voltage_ray.metrics import ReplicaMetrics
 from voltage_ray.protocol.chat import (
@@ -228,10 +231,21 @@ class ChatServer:
         request: ChatCompletionRequest | dict[str, Any],
         tenant: TenantArg = None,
         prepared: Prepared | None = None,
-    ) -> AsyncIterator[ChatCompletionChunk]:
+        batch_ms: float | None = None,
+    ) -> AsyncIterator[ChatCompletionChunk | list[ChatCompletionChunk]]:
         """Chunks of one completion, from the first token on (the role chunks come with it).
         Every chunk carries the usage so far (callers that follow OpenAI's format strip it); the
-        last chunk has no choices and the final usage."""
+        last chunk has no choices and the final usage. ``batch_ms``: lists of chunks, at most
+        one list per ``batch_ms`` after the first."""
+        async for item in _batched(self._chat_chunks(request, tenant, prepared), batch_ms):
+            yield item
+
+    async def _chat_chunks(
+        self,
+        request: ChatCompletionRequest | dict[str, Any],
+        tenant: TenantArg,
+        prepared: Prepared | None,
+    ) -> AsyncIterator[ChatCompletionChunk]:
         # a BadRequest here precedes the first chunk
         req, prepared = await self._prepare(request, prepared)
         outputs = self._outputs(req, prepared)
@@ -315,9 +329,19 @@ class ChatServer:
         request: CompletionRequest | dict[str, Any],
         tenant: TenantArg = None,
         prepared: list[Prepared] | None = None,
-    ) -> AsyncIterator[CompletionResponse]:
+        batch_ms: float | None = None,
+    ) -> AsyncIterator[CompletionResponse | list[CompletionResponse]]:
         """Chunks of a completions request, each with the usage so far; the last has no
-        choices and the final usage (as :meth:`chat_stream`)."""
+        choices and the final usage (``batch_ms``: in lists, as :meth:`chat_stream`)."""
+        async for item in _batched(self._completion_chunks(request, tenant, prepared), batch_ms):
+            yield item
+
+    async def _completion_chunks(
+        self,
+        request: CompletionRequest | dict[str, Any],
+        tenant: TenantArg,
+        prepared: list[Prepared] | None,
+    ) -> AsyncIterator[CompletionResponse]:
         req, prepared = await self._prepare_completion(request, prepared)
         outputs = self._completion_outputs(req, prepared)
         cid, created, model = completion_id("cmpl"), now(), self.config.id
@@ -389,3 +413,16 @@ class ChatServer:
 
     def _prompt_text(self, prompt: str | list[int]) -> str:
         return prompt if isinstance(prompt, str) else self.prompter.decode(prompt)
+
+
+async def _batched(chunks: AsyncIterator[Any], batch_ms: float | None) -> AsyncIterator[Any]:
+    """``chunks`` one by one, or in lists (``batch_ms``); closing this closes ``chunks``."""
+    if not batch_ms:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+        return
+    async for batch in in_batches(chunks, batch_ms / 1000):
+        yield batch

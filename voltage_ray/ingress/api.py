@@ -47,7 +47,7 @@ def create_api(
     runs: BackgroundRuns | None = None,
 ) -> FastAPI:
     """Build the ASGI app for one Ingress replica, over its collaborators (``served``: the
-models; ``stored``: the stored responses)."""
+    models; ``stored``: the stored responses)."""
     app = FastAPIOffline(
         title="VoltageGPU API",
         version=__version__,

@@ -104,4 +104,3 @@ def replica_owner() -> tuple[str, Any, str] | None:
         return None
     name = context.get_actor_name() or ""
     return (actor_id, context.current_actor, f"{SERVE_NAMESPACE}/{name}" if name else "")
-

@@ -145,7 +145,8 @@ async def reservation(
 @dataclass
 class Stream:
     """An admitted generation whose first chunk arrived: the chunks come from ``first`` then
-    ``gen``. :meth:`note` each chunk (the usage so far), and :meth:`close` once: it records
+    ``gen``, each item a chunk or a list of chunks (the model's ``chat.stream_interval_ms``).
+    :meth:`note` each chunk (the usage so far), and :meth:`close` once: it records
     what was used (a stream the client abandoned: the usage so far) and counts the tokens."""
 
     models: Models
@@ -193,7 +194,11 @@ async def open_stream(
 
     async def start(target: ModelConfig) -> tuple[Any, Any]:
         made = prepared if target.id == model.id else None
-        gen = method(models, target, calls.stream, stream=True).remote(body, tenant, made)
+        chat = target.chat
+        batch_ms = chat.stream_interval_ms if chat is not None else None
+        gen = method(models, target, calls.stream, stream=True).remote(
+            body, tenant, made, batch_ms or None
+        )
         return await sse.first_item(gen), gen
 
     try:

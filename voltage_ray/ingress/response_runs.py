@@ -28,7 +28,7 @@ from fastapi import Request
 
 from voltage_ray.config import ModelConfig
 from voltage_ray.errors import VoltageError, unwrap
-from voltage_ray.ingress import failover, guards
+from voltage_ray.ingress import failover, guards, sse
 from voltage_ray.ingress.errors import to_voltage_error
 from voltage_ray.ingress.generation import CHAT, Stream, open_stream, reservation
 from voltage_ray.ingress.meter import Admissions, Meter
@@ -266,9 +266,12 @@ class Run:
 
 
 async def chunks(stream: Stream) -> AsyncIterator[Any]:
-    yield stream.first
-    async for chunk in stream.gen:
+    """The stream's chunks one by one (its items may be lists of chunks)."""
+    for chunk in sse.parts(stream.first):
         yield chunk
+    async for item in stream.gen:
+        for chunk in sse.parts(item):
+            yield chunk
 
 
 def _message(exc: BaseException) -> str:

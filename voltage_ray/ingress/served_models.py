@@ -209,4 +209,3 @@ class Models:
 
     def observe_overload(self, model_id: str, reason: str) -> None:
         self.metrics.overloaded.inc(tags={"model": model_id, "reason": reason})
-

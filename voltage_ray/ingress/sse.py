@@ -29,6 +29,11 @@ def frame(payload: str) -> str:
     return f"data: {payload}\n\n"
 
 
+def parts(item: Any) -> list[Any]:
+    """A handle stream's item as chunks: a replica that batches its stream sends lists."""
+    return item if isinstance(item, list) else [item]
+
+
 async def first_item(gen: Any) -> Any:
     """The first item of a handle stream; cancel the stream if that fails."""
     try:
@@ -51,7 +56,8 @@ async def relay(
     framed: bool = False,
     error_frame: Callable[[VoltageError], str] | None = None,
 ) -> AsyncIterator[str]:
-    """SSE frames from a handle stream: ``render`` maps an item to a JSON payload or None.
+    """SSE frames from a handle stream: ``render`` maps a chunk to a JSON payload or None. An
+    item that is a list of chunks (a batched stream) becomes one write of their frames.
 
     ``framed``: ``render`` returns whole frames (the Responses API's ``event:`` lines), and
     the stream ends without ``[DONE]``; ``error_frame`` then renders the error that ends it.
@@ -64,14 +70,17 @@ async def relay(
     failure: BaseException | None = None
     finished = False
     wrap = (lambda payload: payload) if framed else frame
+
+    def frames_of(item: Any) -> str:
+        payloads = (render(chunk) for chunk in parts(item))
+        return "".join(wrap(p) for p in payloads if p is not None)
+
     try:
-        payload = render(first)
-        if payload is not None:
-            yield wrap(payload)
+        if text := frames_of(first):
+            yield text
         async for item in gen:
-            payload = render(item)
-            if payload is not None:
-                yield wrap(payload)
+            if text := frames_of(item):
+                yield text
         finished = True
         if not framed:
             yield DONE
