@@ -16,9 +16,7 @@ BODY = {"model": "m", "input": "Hi", "tools": [{"type": "web_search"}, {"type": 
 
 def ingress(hosted_tools: str) -> object:
     """The app config's part the decision reads."""
-    return SimpleNamespace(
-        responses=ResponsesConfig.model_validate({"hosted_tools": hosted_tools})
-    )
+    return SimpleNamespace(responses=ResponsesConfig.model_validate({"hosted_tools": hosted_tools}))
 
 
 def test_hosted_tools_are_dropped_by_default_and_refused_when_configured() -> None:

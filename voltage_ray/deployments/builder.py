@@ -39,4 +39,3 @@ def bind_model(model: ModelConfig, config: AppConfig) -> Application:
         raise ValueError(f"model {model.id!r}: {model.kind} models take no user_config")
     deployment = serve.deployment(cls, name=deployment_name(model), **model.deployment.to_serve())
     return deployment.bind(model.model_dump(mode="json"), config.cache_dir)
-
