@@ -452,43 +452,6 @@ async def test_callers_of_one_moment_share_a_group_commit(env: tuple[str, Path])
     assert (await lim.info())["commits"] < 40  # in fewer transactions than answers
 
 
-async def test_a_quiet_limiter_commits_on_its_event_loop(env: tuple[str, Path]) -> None:
-    """A lone admission's commit runs in its coroutine (no hand-off to the writer thread); one
-    that arrives while the writer thread holds the connection waits for the thread, and a burst
-    of callers shares commits on the thread. (PostgreSQL: always on the thread.)"""
-    import threading
-
-    from voltage_ray.limits import journal
-
-    db, plans = env
-    key_id, _ = new_key(db, "open")
-    lim = Limiter(db, str(plans))
-    inline = int(lim.journal.inline)
-    assert inline == (not db.startswith("postgres"))
-    await asyncio.sleep(journal.QUIET_S)
-    assert isinstance(await lim.admit(key_id, (), 1, 0), Grant)
-    info = await lim.info()
-    assert info["commits"] == 1 and info["inline_commits"] == inline and len(held(db)) == 1
-
-    release = threading.Event()
-    busy = lim.journal.writer.submit(release.wait)  # a stored-response write under way
-    await asyncio.sleep(journal.QUIET_S)
-    admitted = asyncio.ensure_future(lim.admit(key_id, (), 1, 0))
-    await asyncio.sleep(0.05)
-    assert not admitted.done()  # its commit waits for the connection
-    release.set()
-    assert isinstance(await admitted, Grant) and busy.result() is True
-    info = await lim.info()
-    assert info["commits"] == 2 and info["inline_commits"] == inline and len(held(db)) == 2
-
-    await asyncio.sleep(journal.QUIET_S)
-    grants = await asyncio.gather(*(lim.admit(key_id, (), 1, 0) for _ in range(40)))
-    assert all(isinstance(g, Grant) for g in grants) and len(held(db)) == 42
-    info = await lim.info()
-    assert info["inline_commits"] == 2 * inline  # the burst's first; the rest on the thread
-    assert info["commits"] < 2 + 40
-
-
 async def test_a_failed_commit_answers_nothing(env: tuple[str, Path]) -> None:
     db, plans = env
     key_id, _ = new_key(db, "open")

@@ -12,16 +12,7 @@ SQLite's ``synchronous=FULL``).
 A write that fails leaves memory ahead of the disk; the limiter must not answer from that state,
 so ``lost`` is called (the actor exits, and Ray restarts it from the database).
 
-The commits run on the journal's one thread (:class:`Writer`), except when the limiter is quiet:
-with SQLite, a commit that finds no other commit under way, the writer thread idle and the last
-commit ended at least ``QUIET_S`` ago runs on the event loop, in the caller's coroutine. A lone
-request then pays the disk alone (~0.25 ms), not the hand-off to the thread and back through
-Ray's event loop as well (about a millisecond more per commit in the actor); under load commits
-follow each other closely and stay on the thread, where the event loop keeps deciding the next
-group while the disk writes this one. (PostgreSQL's commits are a network round trip: always on
-the thread.)
-
- With SQLite every other write of
+The commits run on the journal's one thread (:class:`Writer`). With SQLite every other write of
 the limiter (stored responses, ``limits/responses.py``) runs there too, on the same connection
 (two writing connections would meet the file's write lock, whose busy handler sleeps), after the
 group commits waiting: an admission waits for at most the one such write already under way.
@@ -32,11 +23,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import contextlib
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,9 +34,6 @@ from voltage_ray.limits.db import Database
 from voltage_ray.limits.usage import Changes, HoldId, HoldRow
 
 logger = logging.getLogger(__name__)
-
-# A commit this long after the last one ended, with none under way, runs on the event loop.
-QUIET_S = 0.002
 
 
 @dataclass
@@ -80,7 +66,6 @@ class Writer:
         self._other: collections.deque[Job | None] = collections.deque()
         self._ready = threading.Condition()
         self._closed = False
-        self._busy = threading.Lock()  # held while a job runs: the connection is in use
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -118,25 +103,10 @@ class Writer:
             future, fn, args = job
             if not future.set_running_or_notify_cancel():
                 continue
-            with self._busy:
-                try:
-                    future.set_result(fn(*args))
-                except BaseException as exc:  # the caller's to handle
-                    future.set_exception(exc)
-
-    @contextlib.contextmanager
-    def idle(self) -> Iterator[bool]:
-        """Whether the thread has nothing queued or running; while True, it runs nothing (the
-        caller may use the connection itself)."""
-        with self._ready:
-            queued = bool(self._urgent or self._other)
-        if queued or not self._busy.acquire(blocking=False):
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            self._busy.release()
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # the caller's to handle
+                future.set_exception(exc)
 
 
 class Journal:
@@ -159,9 +129,6 @@ class Journal:
         self.committed = 0  # every change up to this one is on disk
         self.commits = 0
         self._writing: asyncio.Task[None] | None = None
-        self._ended = 0.0  # time.monotonic() when the last commit ended
-        self.inline = db.dialect == "sqlite"  # quiet commits on the event loop (see above)
-        self.inline_commits = 0
         self.writer = Writer()  # every write to ``db``, the group commits first
 
     def changed(self) -> int:
@@ -171,39 +138,10 @@ class Journal:
 
     async def durable(self, change: int) -> None:
         """Return once change number ``change`` (and every earlier one) is on disk."""
-        if self.committed < change and self._quiet():
-            async with self.lock.writer_lock:  # fast: no yield when free
-                if self._quiet():
-                    with self.writer.idle() as idle:
-                        if idle:
-                            self._write_here()
         while self.committed < change:
             if self._writing is None or self._writing.done():
                 self._writing = asyncio.get_running_loop().create_task(self._commit())
             await asyncio.shield(self._writing)
-
-    def _quiet(self) -> bool:
-        return (
-            self.inline
-            and (self._writing is None or self._writing.done())
-            and time.monotonic() - self._ended >= QUIET_S
-        )
-
-    def _write_here(self) -> None:
-        """A group commit on the event loop (under the write lock, the writer thread idle)."""
-        covered = self.changes
-        changes = self.snapshot(self.dirty)
-        if changes:
-            try:
-                usage_db.write(self.db, changes)
-            except BaseException as exc:
-                logger.critical("a group commit failed: the limiter stops (%r)", exc)
-                self.lost(exc)
-                raise
-            self.commits += 1
-            self.inline_commits += 1
-        self.committed = max(self.committed, covered)
-        self._ended = time.monotonic()
 
     async def _commit(self) -> None:
         async with self.lock.writer_lock:
@@ -218,7 +156,6 @@ class Journal:
                 raise
             self.commits += 1
         self.committed = max(self.committed, covered)
-        self._ended = time.monotonic()
 
     def write_now(self) -> None:
         """Write what is left, from a thread with no event loop (exit paths)."""

@@ -732,7 +732,6 @@ class Limiter:
             "owners": len(self.owners.tickets),
             "voided": self.voided,
             "commits": self.journal.commits,
-            "inline_commits": self.journal.inline_commits,
             "idempotent": {
                 "entries": len(self.answers),
                 "bytes": self.answers.bytes,
