@@ -114,6 +114,29 @@ def test_streaming_with_the_sdk(served: ServedApp) -> None:
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_a_client_leaving_after_done_does_not_stall_the_next_request(served: ServedApp) -> None:
+    """The OpenAI SDK stops reading at ``[DONE]`` and leaves when it is closed: Serve cancels
+    that request. The limiter client's loop, started by whichever request came first, once made
+    its calls as that request's children, so Ray cancelled them with it and the next request
+    hung (seen when this file's streaming tests were the app's first requests)."""
+    client = sdk(served)
+    stream = client.chat.completions.create(
+        model="gpt-4", messages=USER, max_tokens=10, n=2, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    assert list(stream)[-1].usage is not None
+    client.close()
+    body = {"model": "gpt-4", "messages": USER, "max_tokens": 6, "stream": True}
+    started = time.monotonic()
+    with (
+        served.client() as c,
+        c.stream("POST", "/v1/chat/completions", json=body, headers=served.headers()) as r,
+    ):
+        lines = [line for line in r.iter_lines() if line]
+    assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+    assert time.monotonic() - started < 20
+
+
 def test_raw_sse_frames(served: ServedApp) -> None:
     body = {"model": "gpt-4", "messages": USER, "max_tokens": 6, "stream": True}
     with (

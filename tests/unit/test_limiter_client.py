@@ -201,3 +201,55 @@ def test_the_limiter_is_pinned_to_the_database_node() -> None:
     # A hard resource requirement: the head node unless a custom resource names another node.
     assert placement(None) == {"resources": {"node:__internal_head__": 0.001}}
     assert placement("voltage_db") == {"resources": {"voltage_db": 0.001}}
+
+
+async def test_a_failed_exchange_answers_its_admissions_and_the_next_one_works(
+    setup: tuple[InProcess, str, str],
+) -> None:
+    """Not only an unreachable limiter: any error of the call (Ray's TaskCancelledError when
+    a request's calls were cancelled) answers the admissions it carried with a 503, and the
+    client goes on."""
+    actor, five, _ = setup
+    client = LimiterClient(lambda: actor, timeout_s=5)
+    real = actor.limiter.exchange
+    failures = [RuntimeError("cancelled")]
+
+    async def exchange(*args: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return await real(*args)
+
+    actor.limiter.exchange = exchange  # type: ignore[method-assign]
+    with pytest.raises(ServiceUnavailable):
+        await asyncio.wait_for(client.admit(five, (), 0, 0), 5)
+    grant = await asyncio.wait_for(client.admit(five, (), 0, 0), 5)
+    assert await client.settle(grant, 0, 0)
+
+
+async def test_the_clients_calls_do_not_run_in_the_context_of_the_request_that_started_them(
+    setup: tuple[InProcess, str, str],
+) -> None:
+    """In an async actor Ray's current task is a context variable: a call made in a request's
+    context is that request's child, cancelled with it. The exchange loop, started by whichever
+    request came first, runs in a context of its own."""
+    import contextvars
+
+    actor, five, _ = setup
+    request = contextvars.ContextVar("request", default="none")
+    seen: list[str] = []
+    real = actor.limiter.exchange
+
+    async def exchange(*args: Any) -> Any:
+        seen.append(request.get())
+        return await real(*args)
+
+    actor.limiter.exchange = exchange  # type: ignore[method-assign]
+    client = LimiterClient(lambda: actor, timeout_s=5)
+
+    async def first_request() -> None:
+        request.set("first")
+        await client.admit(five, (), 0, 0)
+
+    await asyncio.create_task(first_request())
+    await client.admit(five, (), 0, 0)
+    assert seen == ["none", "none"]

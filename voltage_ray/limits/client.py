@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import Callable
@@ -165,7 +166,7 @@ class LimiterClient:
     def _kick(self, admission: bool = False) -> None:
         if self._task is None or self._task.done():
             self._work, self._admitted = asyncio.Event(), asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._task = _detached(self._run())
         self._work.set()
         if admission:
             self._admitted.set()
@@ -195,10 +196,14 @@ class LimiterClient:
             epoch, results = await self.call(
                 "exchange", [s for s, _ in settles], [args for args, _ in admits], owner, name
             )
-        except ServiceUnavailable as exc:
+        except Exception as exc:  # unavailable, or anything else: never leave a caller waiting
+            err = exc if isinstance(exc, ServiceUnavailable) else None
+            if err is None:
+                logger.warning("a limiter exchange failed: %r", exc)
+                err = ServiceUnavailable("Rate limiter unavailable, retry shortly", headers=RETRY)
             for _, future in admits:
                 if not future.done():
-                    future.set_result(ServiceUnavailable(exc.message, headers=exc.headers))
+                    future.set_result(ServiceUnavailable(err.message, headers=err.headers))
             self._requeue(settles)
             return False
         finally:
@@ -224,13 +229,16 @@ class LimiterClient:
         if self.owner is None or epoch == self._registered:
             return
         if self._registering is None or self._registering.done():
-            self._registering = asyncio.get_running_loop().create_task(self._send_handle())
+            self._registering = _detached(self._send_handle())
 
     async def _send_handle(self) -> None:
         assert self.owner is not None
         owner, handle, _ = self.owner
-        with contextlib.suppress(ServiceUnavailable):
+        try:
             self._registered = await self.call("register", owner, handle, list(self._live))
+        except Exception as exc:  # registered with the next exchange's answer
+            if not isinstance(exc, ServiceUnavailable):
+                logger.warning("registering with the limiter failed: %r", exc)
 
     def _requeue(self, settles: list[tuple[Settlement, asyncio.Future[bool]]]) -> None:
         now = time.monotonic()
@@ -248,6 +256,19 @@ class LimiterClient:
         deadline = time.monotonic() + timeout_s
         while (self._settles or self._admits or self._busy) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+
+
+def _detached(coro: Any) -> asyncio.Task[Any]:
+    """A task of the client's own, outside the request that happened to start it.
+
+    A task inherits its creator's context, and in an async actor Ray's current task (the
+    parent of every call the task makes) is a context variable: the client's loop, started by
+    a request, made its limiter calls as that request's children. When that request's client
+    left, Serve cancelled the request and Ray its children, recursively: the loop's call in
+    flight failed with ``TaskCancelledError``, its admissions were never answered, and the next
+    request hung until its client gave up (a streamed request left open by the OpenAI SDK,
+    then a second one)."""
+    return asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
 
 
 class ResponsesClient:
