@@ -202,3 +202,33 @@ async def test_requests_share_a_call_only_with_their_own_group() -> None:
     handle.answer(2)
     assert await light == 40
     assert await asyncio.gather(first, *heavy, more) == [10, 20, 30, 50]
+
+
+async def test_a_shared_call_is_not_sent_in_the_context_of_the_request_that_flushed_it() -> None:
+    """In an async actor Ray's current task is a context variable, and a call made in a
+    request's context is cancelled with that request: a call that carries other requests too
+    (sent at once, or when the wait ends) is made from a context of its own."""
+    import contextvars
+
+    request = contextvars.ContextVar("request", default="none")
+    seen: list[str] = []
+    handle = FakeHandle()
+
+    def send(items: list[Any]) -> asyncio.Future[list[Any]]:
+        seen.append(request.get())
+        return handle.send(items)
+
+    c = Coalescer(send, max_in_flight=1, max_wait_s=0.01, max_weight=100)
+
+    async def submit(name: str, item: int) -> Any:
+        request.set(name)
+        return await c.submit(item)
+
+    first = asyncio.create_task(submit("first", 1))  # sent at once
+    await settle()
+    later = [asyncio.create_task(submit(f"r{i}", i)) for i in (2, 3)]  # sent when the wait ends
+    await asyncio.sleep(0.05)
+    for index in range(len(handle.calls)):
+        handle.answer(index)
+    assert await first == 10 and [await t for t in later] == [20, 30]
+    assert seen == ["none"] * len(seen) and len(seen) == 2

@@ -18,7 +18,7 @@ from fastapi import Request
 
 from voltage_ray.config import AppConfig
 from voltage_ray.errors import RateLimited, Unauthorized, VoltageError
-from voltage_ray.limits.client import LimiterClient
+from voltage_ray.limits.client import LimiterClient, detached
 from voltage_ray.limits.keyring import Failure, KeyRing
 from voltage_ray.limits.limiter import Principal
 from voltage_ray.limits.throttle import FailureThrottle
@@ -107,7 +107,7 @@ class Auth:
         task, now = self._catching_up, time.monotonic()
         if task is None or (task.done() and now - self._caught_at >= KEY_MISS_SYNC_S):
             self._caught_at = now
-            task = self._catching_up = asyncio.ensure_future(self.limiter.sync_keys(self.keys))
+            task = self._catching_up = detached(self.limiter.sync_keys(self.keys))
         elif task.done():
             return False
         try:
@@ -121,7 +121,7 @@ class Auth:
         again here if that task ended or runs on another loop)."""
         task, loop = self._following, asyncio.get_running_loop()
         if task is None or task.done() or task.get_loop() is not loop:
-            self._following = loop.create_task(self.limiter.follow_keys(self.keys))
+            self._following = detached(self.limiter.follow_keys(self.keys))
 
 
 def presented_key(request: Request) -> str:

@@ -27,10 +27,12 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
+from contextvars import Context
 from dataclasses import dataclass, field
 from typing import Any
 
 from voltage_ray.errors import VoltageError, unwrap
+from voltage_ray.limits.client import detached
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +100,7 @@ class Coalescer:
             self._flush(limited=self._weight < self.max_weight)
         elif self._timer is None:
             loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(self.max_wait_s, self._flush)
+            self._timer = loop.call_later(self.max_wait_s, self._flush, context=Context())
         return await future
 
     def _flush(self, limited: bool = False) -> None:
@@ -112,11 +114,13 @@ class Coalescer:
             if not waiting:
                 break
             self._in_flight += 1
-            task = loop.create_task(self._call(_Call(waiting)))
+            # one call for several requests: not a child of whichever request flushed it, which
+            # Ray would cancel with that request (limits.client.detached)
+            task = detached(self._call(_Call(waiting)))
             self._calls.add(task)  # a strong reference until it is done
             task.add_done_callback(self._finished)
         if self._queue and self._timer is None:
-            self._timer = loop.call_later(self.max_wait_s, self._flush)
+            self._timer = loop.call_later(self.max_wait_s, self._flush, context=Context())
 
     def _take(self) -> list[_Waiting]:
         """The first live item and the later ones of its group, up to ``max_weight`` (at least

@@ -17,7 +17,6 @@ request to the limiter (the dead replica's admission was voided with it), billed
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import dataclasses
 import logging
 import time
@@ -33,7 +32,7 @@ from voltage_ray.ingress.errors import to_voltage_error
 from voltage_ray.ingress.generation import CHAT, Stream, open_stream, reservation
 from voltage_ray.ingress.meter import Admissions, Meter
 from voltage_ray.ingress.served_models import Models
-from voltage_ray.limits.client import ResponsesClient
+from voltage_ray.limits.client import ResponsesClient, detached
 from voltage_ray.limits.limiter import Principal
 from voltage_ray.limits.responses import StoredResponse
 from voltage_ray.protocol.response_chat import (
@@ -298,7 +297,7 @@ class BackgroundRuns:
     def launch(self, coro: Any) -> None:
         """Run ``coro`` detached from the request (its admission is settled by the run itself,
         not by the HTTP response that queued it)."""
-        task = asyncio.create_task(coro, context=contextvars.Context())
+        task = detached(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -306,7 +305,7 @@ class BackgroundRuns:
         """Start the sweep (idempotent; again if it ended or belongs to another loop)."""
         task, loop = self._sweeper, asyncio.get_running_loop()
         if task is None or task.done() or task.get_loop() is not loop:
-            self._sweeper = loop.create_task(self._sweep_loop())
+            self._sweeper = detached(self._sweep_loop())
 
     async def _sweep_loop(self) -> None:
         while True:

@@ -110,8 +110,12 @@ class LimiterClient:
     async def follow_keys(self, ring: KeyRing, every_s: float = KEY_SYNC_S) -> None:
         """Keep ``ring`` fresh forever; while the limiter is unavailable it keeps what it has."""
         while True:
-            with contextlib.suppress(ServiceUnavailable):
+            try:
                 await self.sync_keys(ring)
+            except ServiceUnavailable:
+                pass
+            except Exception:  # never stop following
+                logger.exception("syncing the keys failed; retrying")
             await asyncio.sleep(every_s)
 
     # --- admission and settlement ------------------------------------------------------------
@@ -166,7 +170,7 @@ class LimiterClient:
     def _kick(self, admission: bool = False) -> None:
         if self._task is None or self._task.done():
             self._work, self._admitted = asyncio.Event(), asyncio.Event()
-            self._task = _detached(self._run())
+            self._task = detached(self._run())
         self._work.set()
         if admission:
             self._admitted.set()
@@ -229,7 +233,7 @@ class LimiterClient:
         if self.owner is None or epoch == self._registered:
             return
         if self._registering is None or self._registering.done():
-            self._registering = _detached(self._send_handle())
+            self._registering = detached(self._send_handle())
 
     async def _send_handle(self) -> None:
         assert self.owner is not None
@@ -258,7 +262,7 @@ class LimiterClient:
             await asyncio.sleep(0.05)
 
 
-def _detached(coro: Any) -> asyncio.Task[Any]:
+def detached(coro: Any) -> asyncio.Task[Any]:
     """A task of the client's own, outside the request that happened to start it.
 
     A task inherits its creator's context, and in an async actor Ray's current task (the
@@ -267,7 +271,8 @@ def _detached(coro: Any) -> asyncio.Task[Any]:
     left, Serve cancelled the request and Ray its children, recursively: the loop's call in
     flight failed with ``TaskCancelledError``, its admissions were never answered, and the next
     request hung until its client gave up (a streamed request left open by the OpenAI SDK,
-    then a second one)."""
+    then a second one). Every task that outlives its request or serves several makes its
+    Ray calls from one of these."""
     return asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
 
 
