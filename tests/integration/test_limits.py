@@ -260,11 +260,23 @@ def test_settlement_on_client_disconnect(served: ServedApp) -> None:
         tokens = settled(key)["limits"]["tokens"]["used"]
         assert 0 < tokens < 480 + 64
         # A plain request abandoned mid-generation: the client hangs up once the limiter holds
-        # its slot (its 480 tokens take the tiny model >= 0.3 s), not after a guessed delay.
-        # Greedy: the same long answer every time (sampled, the random model may stop at once).
+        # its slot and the model generates for it (its 480 tokens take the tiny model >= 0.3 s),
+        # not after a guessed delay. (The limiter holding the slot alone is not enough: a client
+        # that leaves before the ingress has the limiter's answer was never admitted, and its
+        # hold is voided, not counted.) Greedy: the same long answer every time (sampled, the
+        # random model may stop at once).
+        from ray import serve
+
+        model = serve.get_deployment_handle("chat-tiny-chat", app_name="voltage")
         plain = body(480, temperature=0)
         with abandoned_post(served, CHAT, key, plain):
-            wait_for(lambda: report(key)["limits"]["in_flight"]["used"] == 1, every=0.01)
+            wait_for(
+                lambda: (
+                    report(key)["limits"]["in_flight"]["used"] == 1
+                    and model.info.remote().result()["running"] >= 1
+                ),
+                every=0.01,
+            )
         after = settled(key)
         assert after["limits"]["requests"]["used"] == 2  # the refused one took nothing
         assert after["limits"]["tokens"]["used"] == tokens  # cancelled before it finished
