@@ -9,7 +9,11 @@ with limits on against limits off, in one run.
    trips). Prints admissions/s and admit latency, then checks the actor counted every
    admission and token exactly. With --responses-kb N, another actor stores responses of N KiB
    through the limiter meanwhile (4 at a time), as /v1/responses does, and their rate is shown:
-   what large stored responses cost admissions.
+   what large stored responses cost admissions. First, one admission then its settlement, one
+   call at a time: what a request waits for the limiter at each end (both answered once on disk).
+   With --against REV (e.g. the revision before a change to the limiter), the same measurements
+   run against REV's limiter and this one in alternating rounds (--rounds), and the ratio of
+   their medians is printed: 4 coalescing callers' admissions/s, and the one-at-a-time latencies.
 2. Embeddings: one `serve run` holding benchmarks/embeddings.py's app twice, limits on at /on
    and limits off (keys still authenticated) at /off, on a key whose plan has real, non-binding
    limits. Its small-request load (wrk, 64 connections, one short input per request) goes to
@@ -24,7 +28,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -116,7 +122,39 @@ async def _store_loop(limiter: Any, kb: int, seconds: float) -> int:
     return stored
 
 
-def admissions(seconds: float, responses_kb: int = 0) -> None:
+async def _one_at_a_time(limiter: Any, key_id: str, n: int) -> dict[str, float]:
+    """Admit, then settle, one call after the other with nothing else running: what one request
+    waits for at each end (each answered once committed)."""
+    from voltage_ray.limits.limiter import Settlement
+
+    admits: list[float] = []
+    settles: list[float] = []
+    for _ in range(n):
+        t = time.perf_counter()
+        g = await limiter.admit.remote(key_id, ("m",), 12, 0)
+        t1 = time.perf_counter()
+        s = Settlement(g.ticket, g.epoch, g.key_id, g.period, g.tokens, g.images, 7, 0)
+        await limiter.settle.remote([s])
+        admits.append(t1 - t)
+        settles.append(time.perf_counter() - t1)
+    return {
+        "admit_p50_ms": 1000 * statistics.median(admits),
+        "settle_p50_ms": 1000 * statistics.median(settles),
+    }
+
+
+# (callers, concurrent calls each, coalesced) of each admissions measurement
+CONFIGS = ((1, 1, False), (1, 32, False), (1, 32, True), (4, 32, True))
+ONE_AT_A_TIME = 1000  # admissions, each then settled, in the one-at-a-time measurement
+
+
+def admissions(
+    seconds: float,
+    responses_kb: int = 0,
+    configs: tuple[tuple[int, int, bool], ...] = CONFIGS,
+) -> dict[str, Any]:
+    """Print each measurement; return them (admissions/s by configuration, the one-at-a-time
+    latencies)."""
     import ray
 
     from voltage_ray.limits.client import get_or_create_limiter
@@ -139,18 +177,25 @@ def admissions(seconds: float, responses_kb: int = 0) -> None:
             ) -> dict[str, Any]:
                 return await _caller_loop(limiter, key_id, concurrency, secs, coalesce)
 
+            async def one_at_a_time(self, limiter: Any, n: int) -> dict[str, float]:
+                return await _one_at_a_time(limiter, key_id, n)
+
         @ray.remote(num_cpus=0)
         class Storer:
             async def run(self, limiter: Any, kb: int, secs: float) -> int:
                 return await _store_loop(limiter, kb, secs)
 
-        total = 0
-        for callers, concurrency, coalesce in (
-            (1, 1, False),
-            (1, 32, False),
-            (1, 32, True),
-            (4, 32, True),
-        ):
+        caller = Caller.remote()  # type: ignore[attr-defined]
+        lone = ray.get(caller.one_at_a_time.remote(limiter, ONE_AT_A_TIME))
+        ray.kill(caller)
+        result: dict[str, Any] = {**lone, "rates": {}}
+        print(
+            f"admissions: one at a time, each then settled: admit p50 {lone['admit_p50_ms']:.2f} "
+            f"ms, settle p50 {lone['settle_p50_ms']:.2f} ms",
+            flush=True,
+        )
+        total = ONE_AT_A_TIME
+        for callers, concurrency, coalesce in configs:
             actors = [Caller.remote() for _ in range(callers)]  # type: ignore[attr-defined]
             ray.get([a.__ray_ready__.remote() for a in actors])
             storer = Storer.remote() if responses_kb else None  # type: ignore[attr-defined]
@@ -168,6 +213,7 @@ def admissions(seconds: float, responses_kb: int = 0) -> None:
                 ray.kill(storer)
             n = sum(r["admitted"] for r in results)
             total += n
+            result["rates"][f"{callers}x{concurrency}{'c' if coalesce else ''}"] = n / seconds
             p50 = max(r["p50_ms"] for r in results)
             p99 = max(r["p99_ms"] for r in results)
             how = "coalesced exchanges" if coalesce else "one admit call each"
@@ -187,8 +233,60 @@ def admissions(seconds: float, responses_kb: int = 0) -> None:
             flush=True,
         )
         ray.kill(limiter, no_restart=True)
+        assert exact, "the limiter's counts differ from what it admitted"
+        return result
     finally:
         ray.shutdown()
+
+
+def against(rev: str, seconds: int, rounds: int) -> None:
+    """This checkout's limiter against revision ``rev``'s (e.g. the one before a change), in
+    alternating runs of this file's own measurements: only the ``voltage_ray`` package differs
+    (``rev``'s, from a git worktree, imported by the driver and, through the working directory
+    Ray puts first on its workers' path, by the actors). Prints the medians and the ratios."""
+    repo = Path(__file__).resolve().parents[1]
+    tmp = Path(tempfile.mkdtemp(prefix="voltage_limits_against_"))
+    other = tmp / "tree"
+    git = ["git", "-C", str(repo)]
+    subprocess.run([*git, "worktree", "add", "--detach", "-q", str(other), rev], check=True)
+    try:
+        here = other / "benchmarks" / "limits_against.py"
+        shutil.copy(__file__, here)  # this file's measurements, with ``rev``'s package
+        runs: dict[str, list[dict[str, Any]]] = {rev: [], "this": []}
+        for i in range(rounds):
+            for side in (rev, "this") if i % 2 == 0 else ("this", rev):
+                root, script = (other, here) if side == rev else (repo, Path(__file__).resolve())
+                out = tmp / f"{i}-{'rev' if side == rev else 'this'}.json"
+                env = {**os.environ, "PYTHONPATH": str(root)}
+                print(f"--- round {i + 1}: {side}", flush=True)
+                subprocess.run(
+                    [sys.executable, str(script), "--skip-embeddings", "--seconds", str(seconds),
+                     "--only-coalesced", "--json", str(out)],
+                    cwd=root, env=env, check=True,
+                )  # fmt: skip
+                runs[side].append(json.loads(out.read_text()))
+    finally:
+        subprocess.run([*git, "worktree", "remove", "--force", str(other)], check=False)
+
+    def median(side: str, field: str) -> float:
+        if field.startswith("rates."):
+            return statistics.median(r["rates"][field[6:]] for r in runs[side])
+        return statistics.median(r[field] for r in runs[side])
+
+    rate = {side: median(side, "rates.4x32c") for side in runs}
+    print(
+        f"against {rev}: 4 coalescing callers, median {rate['this']:,.0f} admissions/s here, "
+        f"{rate[rev]:,.0f}/s at {rev}: {rate['this'] / rate[rev]:.2f}x",
+        flush=True,
+    )
+    extra = {f: median("this", f) - median(rev, f) for f in ("admit_p50_ms", "settle_p50_ms")}
+    print(
+        f"against {rev}: one at a time, p50 admission {median('this', 'admit_p50_ms'):.2f} ms "
+        f"({extra['admit_p50_ms']:+.2f}), settlement {median('this', 'settle_p50_ms'):.2f} ms "
+        f"({extra['settle_p50_ms']:+.2f}): a request waits {sum(extra.values()):+.2f} ms "
+        "for both",
+        flush=True,
+    )
 
 
 # --- 2. embeddings, limits on vs off ------------------------------------------------------------
@@ -310,9 +408,22 @@ def main() -> None:
     p.add_argument(
         "--responses-kb", type=int, default=0, help="store responses of this size meanwhile"
     )
+    p.add_argument(
+        "--against",
+        metavar="REV",
+        help="compare the limiter with git revision REV's, in alternating runs (--rounds)",
+    )
+    p.add_argument("--only-coalesced", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--json", type=Path, help=argparse.SUPPRESS)  # where --against's runs write
     a = p.parse_args()
+    if a.against:
+        against(a.against, a.seconds, a.rounds)
+        return
     if not a.skip_actor:
-        admissions(a.seconds, a.responses_kb)
+        configs = CONFIGS[-1:] if a.only_coalesced else CONFIGS
+        result = admissions(a.seconds, a.responses_kb, configs)
+        if a.json:
+            a.json.write_text(json.dumps(result))
     if not a.skip_embeddings:
         embeddings(a.seconds, a.clients, a.rounds)
 

@@ -484,3 +484,74 @@ async def test_only_owners_of_restored_holds_are_looked_up_by_name(
     owners.hold("old", ("e1", 7), "serve/old", restored=True)
     assert await owners.dead(1.0) == ["old"]
     assert looked_up == ["serve/old"]
+
+
+async def test_a_commit_larger_than_one_statement_writes_and_deletes_every_hold(
+    env: tuple[str, Path],
+) -> None:
+    """Holds are written and deleted in multi-row statements of ROWS_PER_STATEMENT rows: one
+    commit of more than two statements' worth, then their settlements in one commit, leave
+    exactly the holds still outstanding."""
+    from voltage_ray.limits.usage import ROWS_PER_STATEMENT
+
+    db, plans = env
+    key_id, _ = new_key(db, "open")
+    lim = Limiter(db, str(plans))
+    n = 2 * ROWS_PER_STATEMENT + 7
+    epoch, grants = await lim.exchange([], [(key_id, (), 3, 0, None)] * n)
+    assert all(isinstance(g, Grant) for g in grants)
+    assert [t for _, t, _, _ in held(db)] == sorted(g.ticket for g in grants)
+    keep = grants[ROWS_PER_STATEMENT - 1 : ROWS_PER_STATEMENT + 2]  # across a statement's edge
+    await lim.exchange([settlement(g, 2) for g in grants if g not in keep], [])
+    assert held(db) == sorted((epoch, g.ticket, key_id, 3) for g in keep)
+    assert stored(db, key_id) == (n, 2 * (n - len(keep)), 0, 3 * len(keep))
+
+
+async def test_a_group_commit_runs_in_place_of_an_idle_writer_and_after_a_busy_one(
+    tmp_path: Path,
+) -> None:
+    """SQLite's group commits run on the event loop when the writer thread is idle; while the
+    writer runs another job (a stored response) they wait for it and go through the thread,
+    never on its connection at the same time."""
+    import threading
+
+    plans = tmp_path / "plans.yaml"
+    plans.write_text(PLANS)
+    db = str(tmp_path / "v.db")
+    key_id, _ = new_key(db, "open")
+    lim = Limiter(db, str(plans))
+    writer = lim.journal.writer
+    assert lim.journal.inline
+    loop_thread = threading.current_thread()
+    threads: list[threading.Thread] = []
+    real_write = limiter_mod.usage_db.write
+
+    def write(*args: Any) -> None:
+        threads.append(threading.current_thread())
+        real_write(*args)
+
+    limiter_mod.usage_db.write = write  # the journal's module is the same object
+    try:
+        assert isinstance(await lim.admit(key_id, (), 1, 0), Grant)
+        assert threads == [loop_thread]  # idle writer: committed in its place
+
+        release = threading.Event()
+        started = threading.Event()
+
+        def other_job() -> None:  # a stored response being written, say
+            started.set()
+            release.wait(10)
+
+        job = writer.submit(other_job)
+        assert started.wait(10)
+        assert not writer.run_here(lambda: None)  # busy: nothing runs beside it
+        admit = asyncio.ensure_future(lim.admit(key_id, (), 1, 0))
+        await asyncio.sleep(0.2)
+        assert not admit.done()  # not answered before its commit
+        release.set()
+        assert isinstance(await asyncio.wait_for(admit, 10), Grant)
+        job.result(10)
+        assert threads[1] is not loop_thread  # went through the writer's thread
+        assert len(held(db)) == 2
+    finally:
+        limiter_mod.usage_db.write = real_write
