@@ -15,6 +15,10 @@ keeps them apart (``--plan pro`` runs them on configs/plans.yaml's pro plan inst
 3. **H and L**: the same flood, L sending one request at a time through it: L's TTFT and
    failures, H's throughput over the same window.
 
+Windows 2 and 3 alternate for ``--rounds`` pairs (2 then 3, 3 then 2, ...), each flood starting
+afresh, so that load from elsewhere on a shared box falls on both alike: H's rates are the
+medians of each kind's windows (one window each varied by a fifth from run to run here).
+
 Per ``--headroom`` setting (``chat.headroom_rows``: 1, a row kept for a key under its fair share;
 0, preemption alone) one app. Prints ratios: L's TTFT p50 under the flood over alone (aim
 <= 5x), L's failures (aim 0), H's throughput with L over without (aim >= 0.9x), and the total
@@ -22,6 +26,7 @@ Per ``--headroom`` setting (``chat.headroom_rows``: 1, a row kept for a key unde
 own tokens take their share of a compute-bound model.
 
     .venv/bin/python benchmarks/tenants.py [--headroom 1,0] [--seconds 40] [--streams 48]
+        [--rounds 3]
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import argparse
 import asyncio
 import collections
 import json
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -150,16 +156,38 @@ async def measure(base: str, heavy: str, lite: str, args: argparse.Namespace) ->
             l_rate = sum(start <= t < end for t in mine) / (end - start)
             return out.rate(start, end), l_rate, ttfts, failed, out
 
-        h_alone, _, _, _, flood_alone = await window(False)
-        h_with, l_rate, under, failed, flood_with = await window(True)
+        # Alternate the two windows (alone, with L; then with L, alone; ...) so that load from
+        # elsewhere on the box falls on both alike; medians of H's rates, L's requests pooled.
+        h_alone: list[float] = []
+        h_with: list[float] = []
+        l_rates: list[float] = []
+        under: list[float] = []
+        failed = 0
+        alone_statuses: collections.Counter[int] = collections.Counter()
+        with_statuses: collections.Counter[int] = collections.Counter()
+        for i in range(args.rounds):
+            for with_light in (False, True) if i % 2 == 0 else (True, False):
+                h_rate, l_rate, ttfts, bad, out = await window(with_light)
+                (h_with if with_light else h_alone).append(h_rate)
+                (with_statuses if with_light else alone_statuses).update(out.statuses)
+                if with_light:
+                    l_rates.append(l_rate)
+                    under += ttfts
+                    failed += bad
+                print(
+                    f"  round {i + 1}, H {'with L' if with_light else 'alone '}: "
+                    f"{h_rate:6.1f} tokens/s" + (f", L {l_rate:.1f}" if with_light else ""),
+                    flush=True,
+                )
     return {
         "l_alone": alone,
         "l_under": under,
         "l_failed": failed,
-        "l_rate": l_rate,
-        "h_alone": h_alone,
-        "h_with": h_with,
-        "statuses": (dict(flood_alone.statuses), dict(flood_with.statuses)),
+        "l_rate": statistics.median(l_rates),
+        "h_alone": statistics.median(h_alone),
+        "h_with": statistics.median(h_with),
+        "rounds": args.rounds,
+        "statuses": (dict(alone_statuses), dict(with_statuses)),
     }
 
 
@@ -188,6 +216,9 @@ def main() -> None:
     parser.add_argument("--light", type=int, default=20, help="L's requests alone")
     parser.add_argument("--plan", default="bench", choices=["bench", "pro"])
     parser.add_argument("--retry-at-once", action="store_true", help="H ignores Retry-After")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating pairs of windows (H alone, H with L)"
+    )
     args = parser.parse_args()
     for headroom in [int(h) for h in args.headroom.split(",")]:
         r = run(headroom, args)
@@ -203,7 +234,8 @@ def main() -> None:
             f"  ({len(under)} answered, {r['l_failed']} failed)   p50 ratio {u50 / a50:.2f}x"
         )
         print(
-            f"  H tokens/s: alone {r['h_alone']:6.1f}, with L {r['h_with']:6.1f}   ratio "
+            f"  H tokens/s, medians of {r['rounds']} windows each: alone {r['h_alone']:6.1f}, "
+            f"with L {r['h_with']:6.1f}   ratio "
             f"{r['h_with'] / r['h_alone']:.3f}x   H statuses {r['statuses']}"
         )
         total = r["h_with"] + r["l_rate"]
