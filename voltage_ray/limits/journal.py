@@ -5,9 +5,9 @@ number under the limiter's write lock and marks what it touched (:class:`Dirty`)
 waits for :meth:`Journal.durable` with the number of its last change: one writer at a time takes
 every change made so far (a snapshot, under the lock), writes it in one transaction, fsynced, and
 releases every caller whose changes it covered. Callers that arrive while a write is under way
-share the next one, as a database's group commit does, so the cost of the
-disk is shared under load and a lone caller pays one commit (~0.25 ms on this box's disk with
-SQLite's ``synchronous=FULL``).
+share the next one, as a database's group commit does, so the cost of the disk is shared under
+load and a lone caller pays one commit (~0.25 ms on this box's disk with SQLite's
+``synchronous=FULL``).
 
 A write that fails leaves memory ahead of the disk; the limiter must not answer from that state,
 so ``lost`` is called (the actor exits, and Ray restarts it from the database).
