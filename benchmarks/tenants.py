@@ -196,6 +196,8 @@ def run(headroom: int, args: argparse.Namespace) -> dict[str, Any]:
     for model in config["models"]:
         if model["kind"] == "chat":
             model["chat"] = {**model.get("chat", {}), "headroom_rows": headroom}
+            if args.rows:
+                model["chat"]["max_num_seqs"] = args.rows
     env = {**HA_PROXY_ENV, **NICE_ENV}
     with serve_app(config, env=env, plan=args.plan, plans_text=PLANS) as app:
         store = KeyStore(app.tmp / "voltage.db")
@@ -216,6 +218,7 @@ def main() -> None:
     parser.add_argument("--light", type=int, default=20, help="L's requests alone")
     parser.add_argument("--plan", default="bench", choices=["bench", "pro"])
     parser.add_argument("--retry-at-once", action="store_true", help="H ignores Retry-After")
+    parser.add_argument("--rows", type=int, default=0, help="chat.max_num_seqs (default: config)")
     parser.add_argument(
         "--rounds", type=int, default=3, help="alternating pairs of windows (H alone, H with L)"
     )
@@ -224,7 +227,10 @@ def main() -> None:
         r = run(headroom, args)
         alone, under = r["l_alone"], r["l_under"]
         a50, u50 = pct(alone, 0.5) * 1000, pct(under, 0.5) * 1000
-        print(f"\nheadroom_rows {headroom}, plan {args.plan}, H {args.streams} streams:")
+        print(
+            f"\nheadroom_rows {headroom}, rows {args.rows or 'as configured'}, plan {args.plan}, "
+            f"H {args.streams} streams:"
+        )
         print(
             f"  L TTFT alone:        p50 {a50:6.1f} ms  p99 {pct(alone, 0.99) * 1000:6.1f} ms"
             f"  ({len(alone)} requests)"

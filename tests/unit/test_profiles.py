@@ -61,9 +61,11 @@ def test_cpu_default_asks_no_gpu() -> None:
     assert sum(d.ray_actor_options["num_cpus"] for d in deps.values()) <= 2
     assert deps["chat-SmolLM2-135M-Instruct"].ray_actor_options["num_cpus"] == 1
     chat = deps["chat-SmolLM2-135M-Instruct"]._deployment_config
-    # 8 rows and a headroom row, twice, and the queue (4 x 8): every request reaches the replica.
-    assert chat.max_ongoing_requests == 2 * 9 + 32
-    assert chat.autoscaling_config.target_ongoing_requests == 8
+    # 16 rows (no headroom row: preemption alone), twice, and the queue (4 x 16): every request
+    # reaches the replica.
+    assert deps["chat-SmolLM2-135M-Instruct"].init_args[0]["chat"]["headroom_rows"] == 0
+    assert chat.max_ongoing_requests == 2 * 16 + 4 * 16
+    assert chat.autoscaling_config.target_ongoing_requests == 16
 
 
 def test_gpu_profile_runs_chat_on_vllm_and_says_when_vllm_is_missing() -> None:
