@@ -269,11 +269,9 @@ def against(rev: str, seconds: int, rounds: int) -> None:
         subprocess.run([*git, "worktree", "remove", "--force", str(other)], check=False)
 
     def median(side: str, field: str) -> float:
-        if field.startswith("rates."):
-            return statistics.median(r["rates"][field[6:]] for r in runs[side])
         return statistics.median(r[field] for r in runs[side])
 
-    rate = {side: median(side, "rates.4x32c") for side in runs}
+    rate = {side: statistics.median(r["rates"]["4x32c"] for r in runs[side]) for side in runs}
     print(
         f"against {rev}: 4 coalescing callers, median {rate['this']:,.0f} admissions/s here, "
         f"{rate[rev]:,.0f}/s at {rev}: {rate['this'] / rate[rev]:.2f}x",

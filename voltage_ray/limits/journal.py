@@ -119,11 +119,11 @@ class Writer:
                 except BaseException as exc:  # the caller's to handle
                     future.set_exception(exc)
 
-    def run_here(self, fn: Callable[..., Any], *args: Any) -> bool:
-        """Run ``fn(*args)`` on the calling thread if the writer is idle (True), in its place:
-        the thread cannot start a job meanwhile. False, without running it, if a job is under
-        way. Its exceptions propagate."""
-        if not self.busy.acquire(blocking=False):
+    def run_here(self, fn: Callable[..., Any], *args: Any, wait_s: float = 0.0) -> bool:
+        """Run ``fn(*args)`` on the calling thread once the writer is idle (True), in its place:
+        the thread cannot start a job meanwhile. False, without running it, if a job is still
+        under way after ``wait_s`` (0: do not wait). Its exceptions propagate."""
+        if not self.busy.acquire(timeout=wait_s):  # 0: one try
             return False
         try:
             fn(*args)
@@ -186,13 +186,8 @@ class Journal:
         """Write what is left, from a thread with no event loop (exit paths), once the writer's
         job under way (if any) is done: the connection is the writer's."""
         changes = self.snapshot(self.dirty)
-        if changes:
-            if not self.writer.busy.acquire(timeout=10.0):
-                raise TimeoutError("the journal's writer is stuck; not writing beside it")
-            try:
-                usage_db.write(self.db, changes)
-            finally:
-                self.writer.busy.release()
+        if changes and not self.writer.run_here(usage_db.write, self.db, changes, wait_s=10.0):
+            raise TimeoutError("the journal's writer is stuck; not writing beside it")
         self.committed = self.changes
 
     def close(self) -> None:
